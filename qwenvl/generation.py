@@ -1,0 +1,153 @@
+"""Generation: one prefill (images encoded once), then decoding with the KV cache; greedy or sampled; ChatML chat.
+
+Batches are left-padded; each row's positions count from its first real token, so a row of a batch gets the same
+tokens as the same prompt alone (the released code counts from the padded start and does not).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .model import MAX_CONTEXT
+from .text import KVCache
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def sample_next(logits: torch.Tensor, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Next ids `[B]` from fp32 logits `[B, V]`: argmax, or sampling after temperature, top-k and top-p filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _apply_repetition_penalty(logits, seen, penalty):
+    """Divide positive (multiply negative) logits of the ids already in the row by `penalty` (CTRL-style)."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, do_sample=False,
+                   temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=None,
+                   pad_token_id=None, generator=None, image_features=None):
+    """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    B, T = input_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if T + max_new_tokens > MAX_CONTEXT:
+        raise ValueError(
+            f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the longest context the model "
+            f"supports ({MAX_CONTEXT}); shorten the prompt or ask for fewer tokens"
+        )
+    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
+    cfg = model.config.text
+    device = model.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    cache = KVCache(cfg.num_hidden_layers, B, T + max_new_tokens, cfg.num_attention_heads, cfg.kv_channels,
+                    model.dtype, device)
+    with torch.no_grad():
+        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, past_key_values=cache,
+                    use_cache=True, image_features=image_features, num_logits_to_keep=1)
+    seen = input_ids
+    if attention_mask is not None:  # padding never counts as a repeated token
+        seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_tensor = torch.tensor(stops, device=device, dtype=input_ids.dtype) if stops else None
+    for step in range(max_new_tokens):
+        logits = _apply_repetition_penalty(out.logits[:, -1].float(), seen, repetition_penalty)
+        nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        yield nxt
+        if stop_tensor is not None:
+            done = done | torch.isin(nxt, stop_tensor)
+            if bool(done.all()):
+                return
+        if step == max_new_tokens - 1:
+            return
+        seen = torch.cat([seen, nxt[:, None]], dim=1)
+        with torch.no_grad():
+            out = model(nxt[:, None], past_key_values=cache, use_cache=True)
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
+             streamer: Callable[[torch.Tensor], None] | None = None, **kwargs):
+    """Generate up to `max_new_tokens` after `input_ids [B, T]` (left-padded, with `attention_mask`).
+
+    Options: do_sample, temperature, top_p, top_k, repetition_penalty, eos_token_id (int or list: a row stops
+    there), pad_token_id (fills a stopped row; default the first stop id), generator, image_features.
+    Returns `[B, T + n]` ids. `streamer`, when given, is called with each step's new ids `[B]`.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    new = []
+    for nxt in generate_steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, **kwargs):
+        new.append(nxt)
+        if streamer is not None:
+            streamer(nxt)
+    return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+
+
+def _chat_inputs(model, tokenizer, query, history, system, image_root):
+    from .processing import images_for
+
+    prompt = tokenizer.chat_prompt(query, history=history, system=system)
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    pixel_values = None
+    if tokenizer.image_paths(ids[0].tolist()):
+        pixel_values = images_for(ids, tokenizer, model.config.vision.image_size, root=image_root)
+        pixel_values = pixel_values.to(model.device, model.dtype)
+    return ids, pixel_values
+
+
+def chat_stream(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
+                max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> Iterable[str]:
+    """Qwen-VL-Chat in ChatML, streamed: yields the response text so far after each new token."""
+    ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
+    stops = [tokenizer.im_end_id, tokenizer.eod_id]
+    produced: list[int] = []
+    for nxt in generate_steps(model, ids, pixel_values, None, max_new_tokens, do_sample=do_sample, top_p=top_p,
+                              eos_token_id=stops, **kwargs):
+        t = int(nxt[0])
+        if t in stops:
+            return
+        produced.append(t)
+        yield tokenizer.decode(produced)
+
+
+def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
+         max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> tuple[str, list]:
+    """One ChatML turn of Qwen-VL-Chat: returns (response, history + [(query, response)])."""
+    ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
+    stops = [tokenizer.im_end_id, tokenizer.eod_id]
+    out = generate(model, ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   top_p=top_p, eos_token_id=stops, **kwargs)
+    new = [t for t in out[0, ids.shape[1]:].tolist()]
+    for i, t in enumerate(new):
+        if t in stops:
+            new = new[:i]
+            break
+    response = tokenizer.decode(new)
+    return response, list(history or []) + [(query, response)]

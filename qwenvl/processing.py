@@ -1,0 +1,242 @@
+"""Inputs around the model: images to pixel tensors, and boxes on Qwen-VL's [0, 1000) grid.
+
+Preprocessing is the released model's: PIL bicubic resize straight to image_size x image_size (the aspect ratio is
+not kept and nothing is cropped, so the whole picture is seen), scale to [0, 1], normalize with CLIP's statistics.
+Boxes appear in text as `<box>(x1,y1),(x2,y2)</box>` with integer corners on a 1000 x 1000 grid of the image,
+whatever its size, optionally preceded by `<ref>what</ref>`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+GRID = 1000  # box corners are integers in [0, GRID)
+
+# one colour per parsed entry, cycled; saturated so the boxes stand out on photos
+BOX_COLORS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 160, 0), (200, 0, 200), (0, 200, 200), (255, 255, 0))
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+def _check_size(image_size) -> int:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (448 for the released model), got {image_size!r}")
+    return image_size
+
+
+def _open_rgb(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"expected an image path (str or Path) or a PIL.Image, got {type(image).__name__}")
+    path = os.fspath(image)
+    if path.startswith(("http://", "https://")):
+        raise ValueError(
+            f"{path!r} is a URL: images are never fetched over the network here; download it yourself and pass the "
+            f"local file"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected an image file, got the folder {path}")
+    try:
+        with Image.open(path) as img:
+            # PIL decodes lazily: force the decode here so a truncated file fails with its name attached
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(
+            f"cannot read {path} as an image ({type(e).__name__}: {e}); is the file corrupt or truncated?"
+        ) from None
+
+
+def load_image(image, image_size: int) -> torch.Tensor:
+    """An image path or PIL.Image as the model's input: FloatTensor [3, S, S], CLIP-normalized."""
+    size = _check_size(image_size)
+    img = _open_rgb(image).resize((size, size), Image.BICUBIC)
+    # the order of the float32 operations follows ToTensor then Normalize, so values match the official pipeline
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    return x.sub(mean).div(std).contiguous()
+
+
+def load_images(images: Sequence, image_size: int) -> torch.Tensor:
+    """Several images as one batch: FloatTensor [N, 3, S, S] ([0, 3, S, S] for none)."""
+    size = _check_size(image_size)
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        raise TypeError("load_images expects a list of images; for one image use load_image or wrap it in a list")
+    tensors = [load_image(im, size) for im in images]
+    if not tensors:
+        return torch.empty(0, 3, size, size)
+    return torch.stack(tensors)
+
+
+def images_for(ids_batch, tokenizer, image_size: int, root=None) -> torch.Tensor:
+    """pixel_values for token-id rows: every image span's image, row by row, in the order the spans appear.
+
+    Relative paths are read under root when it is given (absolute ones as they are).
+    """
+    if isinstance(ids_batch, torch.Tensor):
+        if ids_batch.dim() == 1:
+            ids_batch = ids_batch.unsqueeze(0)
+        if ids_batch.dim() != 2:
+            raise ValueError(f"ids_batch must be [B, T] token ids, got shape {tuple(ids_batch.shape)}")
+        rows = list(ids_batch)
+    else:
+        rows = list(ids_batch)
+        if rows and not isinstance(rows[0], (list, tuple, torch.Tensor, np.ndarray)):
+            rows = [rows]  # one flat row of ids
+    paths = [p for row in rows for p in tokenizer.image_paths(row)]
+    if root is not None:
+        root = os.fspath(root)
+        paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
+    return load_images(paths, image_size)
+
+
+# --- boxes -------------------------------------------------------------------------------------------------------
+def _four(box, what="box") -> tuple:
+    try:
+        vals = tuple(box)
+    except TypeError:
+        raise TypeError(f"a {what} is (x1, y1, x2, y2), got {box!r}") from None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    if len(vals) != 4 or not numbers:
+        raise ValueError(f"a {what} is four finite numbers (x1, y1, x2, y2), got {box!r}")
+    if vals[2] < vals[0] or vals[3] < vals[1]:
+        raise ValueError(f"{what} {box!r} has x2 < x1 or y2 < y1: corners must be (left, top), (right, bottom)")
+    return vals
+
+
+def _check_wh(width, height):
+    if not (isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0):
+        raise ValueError(
+            f"width and height must be positive numbers (the image size in pixels), got {width!r}, {height!r}"
+        )
+
+
+def normalize_box(box_px, width, height) -> tuple[int, int, int, int]:
+    """Pixel corners -> integer corners on the [0, 1000) grid (truncated, clamped to 0..999)."""
+    _check_wh(width, height)
+    x1, y1, x2, y2 = _four(box_px, "pixel box")
+
+    def g(v, size):
+        return min(max(int(v / size * GRID), 0), GRID - 1)
+
+    return g(x1, width), g(y1, height), g(x2, width), g(y2, height)
+
+
+def denormalize_box(box, width, height) -> tuple[float, float, float, float]:
+    """Grid corners -> pixel corners (floats) for an image of width x height."""
+    _check_wh(width, height)
+    x1, y1, x2, y2 = _four(box)
+    return x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height
+
+
+def format_box(box) -> str:
+    """`<box>(x1,y1),(x2,y2)</box>` of a box already on the [0, 1000) grid."""
+    vals = _four(box)
+    if any(v < 0 or v >= GRID for v in vals):
+        raise ValueError(f"box {box!r} is not on the [0, {GRID}) grid; convert pixel boxes with normalize_box first")
+    x1, y1, x2, y2 = (int(v) for v in vals)
+    return f"<box>({x1},{y1}),({x2},{y2})</box>"
+
+
+def format_ref(ref: str) -> str:
+    """`<ref>ref</ref>`: names the object the following box(es) belong to."""
+    if not isinstance(ref, str):
+        raise TypeError(f"ref must be a str, got {type(ref).__name__}")
+    if "<ref>" in ref or "</ref>" in ref:
+        raise ValueError(f"ref {ref!r} already contains a <ref> tag; pass the bare text")
+    return f"<ref>{ref}</ref>"
+
+
+_TAG = re.compile(r"<ref>(.*?)</ref>|<box>(.*?)</box>", re.DOTALL)
+_BOX_BODY = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
+
+
+def parse_grounding(text: str, strict: bool = True) -> list[dict]:
+    """Every `<ref>..</ref>` followed by one or more boxes, and every run of boxes without a ref.
+
+    Returns [{"ref": str | None, "boxes": [(x1, y1, x2, y2), ...]}] in text order. Only whitespace may separate a
+    ref from its boxes and the boxes of one run; a ref not followed by a box is skipped. A box whose content is not
+    `(x1,y1),(x2,y2)` raises ValueError, or is skipped with strict=False (model output can be malformed).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_grounding expects a str, got {type(text).__name__}")
+    out: list[dict] = []
+    current = None      # the entry that a following box joins
+    last_end = 0
+    for m in _TAG.finditer(text):
+        if text[last_end:m.start()].strip():
+            current = None  # text in between ends a group
+        last_end = m.end()
+        if m.group(1) is not None:
+            current = {"ref": m.group(1).strip(), "boxes": []}
+            continue
+        body = _BOX_BODY.fullmatch(m.group(2))
+        if body is None:
+            if strict:
+                raise ValueError(
+                    f"malformed box {m.group(0)!r}: expected <box>(x1,y1),(x2,y2)</box> with integers; "
+                    f"pass strict=False to skip such boxes"
+                )
+            continue
+        box = tuple(int(v) for v in body.groups())
+        if current is None:
+            current = {"ref": None, "boxes": []}
+        if not current["boxes"]:
+            out.append(current)
+        current["boxes"].append(box)
+    return out
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes in the same coordinates; 0.0 when both are empty."""
+    ax1, ay1, ax2, ay2 = _four(a)
+    bx1, by1, bx2, by2 = _four(b)
+    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
+    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def draw_boxes(image, parsed: Iterable[dict], out_path) -> Image.Image:
+    """Draw parsed grounding (from parse_grounding) on a copy of image and save it as PNG at out_path.
+
+    Boxes are on the [0, 1000) grid and are scaled to the image's own size; each entry gets one colour and its ref
+    written at the top-left of its first box. Returns the drawn image.
+    """
+    img = _open_rgb(image).copy()
+    w, h = img.size
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    line = max(1, round(min(w, h) / 200))
+    for n, entry in enumerate(parsed):
+        if not isinstance(entry, dict) or "boxes" not in entry:
+            raise ValueError(
+                f"each parsed entry is a dict with 'boxes' (and 'ref'), as parse_grounding returns; got {entry!r}"
+            )
+        color = BOX_COLORS[n % len(BOX_COLORS)]
+        for k, box in enumerate(entry["boxes"]):
+            x1, y1, x2, y2 = (round(v) for v in denormalize_box(box, w, h))
+            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line)
+            if k == 0 and entry.get("ref"):
+                tx, ty = x1 + line + 1, y1 + line + 1
+                l, t, r, b = draw.textbbox((tx, ty), entry["ref"], font=font)
+                draw.rectangle([l - 1, t - 1, r + 1, b + 1], fill=color)
+                draw.text((tx, ty), entry["ref"], fill=(255, 255, 255), font=font)
+    out_path = os.fspath(out_path)
+    parent = os.path.dirname(out_path)
+    if parent and not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot save to {out_path}: the folder {parent} does not exist")
+    img.save(out_path, format="PNG")
+    return img

@@ -1,0 +1,453 @@
+"""The Qwen-VL tokenizer: tiktoken BPE over `qwen.tiktoken` with the official special tokens and image spans.
+
+Two kinds share one implementation:
+- `QwenVLTokenizer.from_pretrained(folder)`: the released vocabulary (151643 BPE ranks, 151860 ids with the
+  special tokens), or any `qwen.tiktoken` of the same format;
+- `QwenVLTokenizer.byte_level(...)`: 256 single-byte ranks, for tiny models that must not need a download.
+
+Special tokens always come in the released order right after the ranks: `<|endoftext|>`, `<|im_start|>`,
+`<|im_end|>`, the `<|extra_N|>` block, then `<ref>`, `</ref>`, `<box>`, `</box>`, `<quad>`, `</quad>`, `<img>`,
+`</img>`, `<imgpad>`. The number of extras is what moves `<img>`: 205 for the released file (`<img>` = 151857),
+as many as needed to put `<img>` on the requested id for the byte-level kind.
+
+An image is written in text as `<img>path</img>` and encoded as a fixed-size span: `<img>`, the path's UTF-8
+bytes as ids equal to the byte values, `<imgpad>` up to `n_image_tokens` inner ids, `</img>`. The model writes
+its visual features over the inner ids, so the path survives in the ids only so that the images can be found.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+import tiktoken
+import torch
+
+# The pre-tokenization pattern of Qwen's tokenizer. Unlike GPT-4's cl100k pattern, digits are split one by one
+# (\p{N} without a repeat) and contractions are matched case-insensitively.
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+    r"""\s+(?!\S)|\s+"""
+)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+REF_START, REF_END = "<ref>", "</ref>"
+BOX_START, BOX_END = "<box>", "</box>"
+QUAD_START, QUAD_END = "<quad>", "</quad>"
+IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
+
+_HEAD_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
+_TAIL_SPECIALS = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
+RELEASED_N_EXTRA = 205          # <|extra_0|>..<|extra_204|> in the released tokenizer
+DEFAULT_N_IMAGE_TOKENS = 256    # the released adapter's 256 queries
+
+VOCAB_FILE = "qwen.tiktoken"
+CONFIG_FILE = "tokenizer_config.json"
+KINDS = ("tiktoken", "byte_level")
+
+# Non-greedy and across newlines: the official tokenizer pairs each <img> with the first </img> after it,
+# whatever lies between.
+_IMG_SPAN = re.compile(re.escape(IMG_START) + "(.*?)" + re.escape(IMG_END), re.DOTALL)
+
+
+def _special_tokens(first_id: int, n_extra: int) -> dict[str, int]:
+    names = list(_HEAD_SPECIALS) + [f"<|extra_{i}|>" for i in range(n_extra)] + list(_TAIL_SPECIALS)
+    return {name: first_id + i for i, name in enumerate(names)}
+
+
+def _read_ranks(path: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(
+                    f"{path}, line {lineno}: expected 'base64token rank', got {line[:80]!r}; "
+                    f"is this a qwen.tiktoken file?"
+                )
+            try:
+                token = base64.b64decode(parts[0], validate=True)
+                rank = int(parts[1])
+            except (binascii.Error, ValueError) as e:
+                raise ValueError(
+                    f"{path}, line {lineno}: cannot read {line[:80]!r} as 'base64token rank' ({e})"
+                ) from None
+            if token in ranks:
+                raise ValueError(
+                    f"{path}, line {lineno}: token {token!r} appears twice (first with rank {ranks[token]})"
+                )
+            ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path} holds no ranks: a qwen.tiktoken file has one 'base64token rank' line per token")
+    # Special ids start at len(ranks), so ranks must be exactly 0..n-1 or specials would collide with them.
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once; this file has gaps or repeats")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        # Byte-level BPE can encode any text only when every single byte is a token.
+        more = "..." if len(missing) > 10 else ""
+        raise ValueError(f"{path}: single-byte tokens missing for byte values {missing[:10]}{more}")
+    return ranks
+
+
+def _to_id_list(ids) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(
+                f"expected a 1-D sequence of token ids, got a tensor of shape {tuple(ids.shape)}; pass one row"
+            )
+        return ids.tolist()
+    if hasattr(ids, "tolist"):  # numpy arrays
+        ids = ids.tolist()
+    out = list(ids)
+    for i in out:
+        if isinstance(i, (list, tuple)):
+            raise ValueError("expected a flat sequence of token ids, got a nested one; pass one row at a time")
+    return [int(i) for i in out]
+
+
+class QwenVLTokenizer:
+    """Text <-> token ids for Qwen-VL, with the official special tokens and fixed-size image spans."""
+
+    def __init__(self, ranks: dict[bytes, int], *, n_extra: int = RELEASED_N_EXTRA,
+                 n_image_tokens: int = DEFAULT_N_IMAGE_TOKENS, kind: str = "tiktoken", name: str = "qwen"):
+        if kind not in KINDS:
+            raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+        if not isinstance(n_extra, int) or n_extra < 0:
+            raise ValueError(f"n_extra must be a non-negative int, got {n_extra!r}")
+        if not isinstance(n_image_tokens, int) or isinstance(n_image_tokens, bool) or n_image_tokens < 1:
+            raise ValueError(
+                f"n_image_tokens must be a positive int (256 for the released model), got {n_image_tokens!r}"
+            )
+        self.kind = kind
+        self.n_image_tokens = n_image_tokens
+        self.n_extra = n_extra
+        self._ranks = ranks
+        self.special_tokens: dict[str, int] = _special_tokens(len(ranks), n_extra)
+        self._enc = tiktoken.Encoding(
+            f"{name}-{len(ranks)}-{n_extra}", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.vocab_size = len(ranks) + len(self.special_tokens)
+        st = self.special_tokens
+        self.eod_id = st[ENDOFTEXT]
+        self.im_start_id = st[IM_START]
+        self.im_end_id = st[IM_END]
+        self.ref_start_id, self.ref_end_id = st[REF_START], st[REF_END]
+        self.box_start_id, self.box_end_id = st[BOX_START], st[BOX_END]
+        self.quad_start_id, self.quad_end_id = st[QUAD_START], st[QUAD_END]
+        self.img_start_id, self.img_end_id, self.img_pad_id = st[IMG_START], st[IMG_END], st[IMG_PAD]
+        self._special_bytes = {i: s.encode("ascii") for s, i in st.items()}
+
+    # --- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, n_image_tokens: int | None = None) -> "QwenVLTokenizer":
+        """Load from a folder holding `qwen.tiktoken` (e.g. the official checkpoint folder) or from the file itself.
+
+        A `tokenizer_config.json` written by `save_pretrained` beside it restores the kind, `n_image_tokens` and
+        the special ids; the official one (which has none of our keys) is fine and gives the released layout.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            folder, vocab = path, os.path.join(path, VOCAB_FILE)
+        else:
+            folder, vocab = os.path.dirname(path) or ".", path
+        if not os.path.isfile(vocab):
+            raise FileNotFoundError(
+                f"no tokenizer vocabulary at {vocab}: pass the checkpoint folder that holds {VOCAB_FILE} "
+                f"(or the file itself); for a tiny model without a vocabulary use QwenVLTokenizer.byte_level()"
+            )
+        ranks = _read_ranks(vocab)
+        cfg = {}
+        cfg_path = os.path.join(folder, CONFIG_FILE)
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or delete it") from None
+        kind = cfg.get("kind", "tiktoken")
+        n_img = n_image_tokens if n_image_tokens is not None else cfg.get("n_image_tokens", DEFAULT_N_IMAGE_TOKENS)
+        if "image_start_id" in cfg:
+            start = cfg["image_start_id"]
+            lowest = len(ranks) + len(_HEAD_SPECIALS) + _TAIL_SPECIALS.index(IMG_START)
+            if not isinstance(start, int) or isinstance(start, bool) or start < lowest:
+                raise ValueError(
+                    f"{cfg_path}: image_start_id {start!r} does not fit after the {len(ranks)} ranks of {vocab} "
+                    f"(it must be an int >= {lowest})"
+                )
+            n_extra = start - lowest
+        else:
+            n_extra = RELEASED_N_EXTRA
+        return cls(ranks, n_extra=n_extra, n_image_tokens=n_img, kind=kind)
+
+    @classmethod
+    def byte_level(cls, image_start_id: int = 300, n_image_tokens: int = DEFAULT_N_IMAGE_TOKENS) -> "QwenVLTokenizer":
+        """A tokenizer with no file: ids 0..255 are the bytes, then the special tokens, `<img>` on image_start_id."""
+        lowest = 256 + len(_HEAD_SPECIALS) + _TAIL_SPECIALS.index(IMG_START)
+        if not isinstance(image_start_id, int) or image_start_id < lowest:
+            raise ValueError(
+                f"image_start_id must be an int >= {lowest} (256 bytes, 3 chat tokens and <ref>..</quad> come first), "
+                f"got {image_start_id!r}"
+            )
+        ranks = {bytes([b]): b for b in range(256)}
+        return cls(ranks, n_extra=image_start_id - lowest, n_image_tokens=n_image_tokens, kind="byte_level",
+                   name="qwen-bytes")
+
+    def save_pretrained(self, folder) -> None:
+        """Write `qwen.tiktoken` and `tokenizer_config.json` so that `from_pretrained(folder)` gives the same ids."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, VOCAB_FILE), "wb") as f:
+            for token, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
+                f.write(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n")
+        cfg_path = os.path.join(folder, CONFIG_FILE)
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            # an official tokenizer_config.json may already be there (auto_map, model_max_length): keep its keys
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except json.JSONDecodeError:
+                cfg = {}
+        cfg.update(kind=self.kind, n_image_tokens=self.n_image_tokens, image_start_id=self.img_start_id)
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"QwenVLTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, img_start_id={self.img_start_id}, "
+                f"n_image_tokens={self.n_image_tokens})")
+
+    # --- encoding ----------------------------------------------------------------------------------------------
+    def _encode_image(self, path: str) -> list[int]:
+        data = path.encode("utf-8")
+        if len(data) > self.n_image_tokens:
+            raise ValueError(
+                f"The content in {IMG_START}..{IMG_END} is too long: {len(data)} UTF-8 bytes, the span holds "
+                f"{self.n_image_tokens}. Move or rename the image to a shorter path (or a relative one)."
+            )
+        return [self.img_start_id, *data, *[self.img_pad_id] * (self.n_image_tokens - len(data)), self.img_end_id]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text (NFC-normalized first); special tokens written in the text are honoured; no BOS/EOS."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}; for several texts use batch_encode")
+        text = unicodedata.normalize("NFC", text)
+        ids: list[int] = []
+        pos = 0
+        for m in _IMG_SPAN.finditer(text):
+            ids += self._encode_text(text[pos:m.start()])
+            ids += self._encode_image(m.group(1))
+            pos = m.end()
+        rest = text[pos:]
+        if IMG_START in rest:
+            # without its </img> the span has no end, and the model would not know where the image stops
+            where = rest[rest.index(IMG_START):][:80]
+            raise ValueError(f"unclosed image tag: {IMG_START} without {IMG_END} in {where!r}")
+        return ids + self._encode_text(rest)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all", disallowed_special=()) if text else []
+
+    def batch_encode(self, texts: Sequence[str], padding_side: str = "left", pad_id: int | None = None):
+        """Encode and pad to one length: (input_ids LongTensor [B, T], attention_mask LongTensor [B, T]).
+
+        Left padding (the default) puts every prompt's last token in the last column, which generation needs.
+        """
+        if isinstance(texts, str):
+            raise TypeError("batch_encode expects a list of texts, got a single str; wrap it in a list or use encode")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad = self.eod_id if pad_id is None else int(pad_id)
+        rows = [self.encode(t) for t in texts]
+        if not rows:
+            raise ValueError("batch_encode got no texts")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if not r:
+                continue
+            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids, mask
+
+    # --- decoding ----------------------------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> None:
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(
+                    f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1}). A negative id "
+                    f"is usually an ignore_index label; an id past the vocabulary comes from a model whose embedding "
+                    f"is padded beyond the tokenizer: mask logits >= tokenizer.vocab_size when sampling"
+                )
+
+    def _image_path_bytes(self, inner: list[int]) -> bytes:
+        # the path runs up to the first <imgpad>; a path that fills the whole span has none
+        out = bytearray()
+        for i in inner:
+            if i == self.img_pad_id or i > 255:
+                break
+            out.append(i)
+        return bytes(out)
+
+    def decode(self, ids, skip_special_tokens: bool = False, show_images: bool = True, errors: str = "replace") -> str:
+        """Text of token ids. An image span becomes `<img>path</img>` (or nothing with show_images=False).
+
+        skip_special_tokens drops every special token, as the official tokenizer does: an image span then leaves
+        only its path. Partial UTF-8 sequences (e.g. a stream cut inside a character) become U+FFFD.
+        """
+        ids = _to_id_list(ids)
+        self._check_ids(ids)
+        out = bytearray()
+        run: list[int] = []
+
+        def flush():
+            if run:
+                out.extend(self._enc.decode_bytes(run))
+                run.clear()
+
+        i = 0
+        while i < len(ids):
+            t = ids[i]
+            if t == self.img_start_id:
+                try:
+                    end = ids.index(self.img_end_id, i + 1)
+                except ValueError:
+                    end = None  # a span cut short (e.g. generation stopped inside it): decode what is there
+                inner = ids[i + 1:end] if end is not None else ids[i + 1:]
+                if show_images:
+                    flush()
+                    if not skip_special_tokens:
+                        out.extend(IMG_START.encode())
+                    out.extend(self._image_path_bytes(inner))
+                    if end is not None and not skip_special_tokens:
+                        out.extend(IMG_END.encode())
+                i = len(ids) if end is None else end + 1
+                continue
+            if t in self._special_bytes:
+                if not skip_special_tokens:
+                    run.append(t)
+            else:
+                run.append(t)
+            i += 1
+        flush()
+        return out.decode("utf-8", errors=errors)
+
+    def convert_ids_to_tokens(self, ids) -> list:
+        """Each id's token: bytes for BPE tokens (they need not be valid UTF-8 alone), str for special tokens."""
+        ids = _to_id_list(ids)
+        self._check_ids(ids)
+        return [self._special_bytes[i].decode("ascii") if i in self._special_bytes
+                else self._enc.decode_single_token_bytes(i) for i in ids]
+
+    def batch_decode(self, rows, **kwargs) -> list[str]:
+        if isinstance(rows, torch.Tensor) and rows.dim() == 2:
+            rows = list(rows)
+        return [self.decode(r, **kwargs) for r in rows]
+
+    def image_paths(self, ids) -> list[str]:
+        """Paths of the image spans in ids, in order; a 2-D tensor or a list of rows is read row by row."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            return [p for row in ids for p in self.image_paths(row)]
+        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, torch.Tensor)):
+            return [p for row in ids for p in self.image_paths(row)]
+        ids = _to_id_list(ids)
+        paths = []
+        i = 0
+        while True:
+            try:
+                start = ids.index(self.img_start_id, i)
+            except ValueError:
+                return paths
+            inner = ids[start + 1:start + 1 + self.n_image_tokens]
+            end = start + 1 + self.n_image_tokens
+            if len(inner) < self.n_image_tokens or end >= len(ids) or ids[end] != self.img_end_id:
+                raise ValueError(
+                    f"the image span at position {start} is not {self.n_image_tokens} inner ids closed by </img> "
+                    f"(id {self.img_end_id}): the ids were cut (truncation?) or made with another n_image_tokens "
+                    f"than this tokenizer's {self.n_image_tokens}"
+                )
+            paths.append(self._image_path_bytes(inner).decode("utf-8", errors="replace"))
+            i = end + 1
+
+    # --- prompts -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def from_list_format(items: Iterable[dict]) -> str:
+        """The official prompt text of a list of {"image": path} / {"text": str} / {"box": .., "ref": ..} items.
+
+        A box item takes one (x1, y1, x2, y2) box or a list of them, on the [0, 1000) grid.
+        """
+        text = ""
+        n_images = 0
+        for item in items:
+            if not isinstance(item, dict):
+                raise TypeError(f"each item must be a dict like {{'image': path}} or {{'text': str}}, got {item!r}")
+            keys = set(item)
+            if keys == {"image"}:
+                n_images += 1
+                text += f"Picture {n_images}: {IMG_START}{os.fspath(item['image'])}{IMG_END}\n"
+            elif keys == {"text"}:
+                text += str(item["text"])
+            elif keys in ({"box"}, {"box", "ref"}, {"ref"}):
+                if "ref" in item:
+                    text += f"{REF_START}{item['ref']}{REF_END}"
+                if "box" in item:
+                    boxes = item["box"]
+                    if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
+                        boxes = [boxes]
+                    for box in boxes:
+                        if len(box) != 4:
+                            raise ValueError(f"a box is (x1, y1, x2, y2), got {box!r}")
+                        x1, y1, x2, y2 = (int(v) for v in box)
+                        text += f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
+            else:
+                raise ValueError(
+                    f"unsupported item {item!r}: use one of {{'image': path}}, {{'text': str}}, "
+                    f"{{'box': (x1, y1, x2, y2)}} with an optional 'ref', or {{'ref': str}}"
+                )
+        return text
+
+    def chat_prompt(self, query: str, history=None, system: str = "You are a helpful assistant.",
+                    max_window_size: int | None = None) -> str:
+        """The ChatML prompt of Qwen-VL-Chat, ending with `<|im_start|>assistant\\n` for the model to continue.
+
+        history is a list of (query, response) pairs, oldest first. With max_window_size (the official default is
+        6144 tokens), the oldest turns are dropped, as the official code does, once the history would exceed it.
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str (use from_list_format for images), got {type(query).__name__}")
+
+        def block(role, content):
+            return f"{IM_START}{role}\n{content}{IM_END}"
+
+        turns = []
+        for n, turn in enumerate(history or []):
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+                raise ValueError(f"history[{n}] must be a (query, response) pair, got {turn!r}")
+            turns.append("\n" + block("user", turn[0]) + "\n" + block("assistant", turn[1]))
+        head = block("system", system)
+        if max_window_size is not None:
+            # newest turns first, stopping at the first one that no longer fits (the official order)
+            kept, size = [], len(self.encode(head))
+            for t in reversed(turns):
+                size += len(self.encode(t))
+                if size >= max_window_size:
+                    break
+                kept.append(t)
+            turns = kept[::-1]
+        return head + "".join(turns) + "\n" + block("user", query) + f"\n{IM_START}assistant\n"

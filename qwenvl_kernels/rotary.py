@@ -1,0 +1,255 @@
+"""Rotary position embedding (GPT-NeoX rotate-half) on q and k in one fused Triton launch, with its backward.
+
+The semantics are those of `reference.apply_rotary`. The rotation of each (x1, x2) pair by theta is orthogonal, so
+the gradient of the input is the incoming gradient rotated by -theta: the backward is the forward kernel with the
+sine negated.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2
+
+
+@triton.jit
+def _rotate_tile(x_ptr, o_ptr, x_row, o_row, sxh, sxd, h0, NH, c, s,
+                 D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr):
+    # one (b, t) row, heads h0 .. h0 + BLOCK_H - 1 of one tensor; the output is contiguous [.., NH, D]
+    h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    h_ok = h < NH
+    m = h_ok[:, None] & (r < HALF)[None, :]
+    xp = x_ptr + x_row + h[:, None] * sxh
+    op = o_ptr + o_row + h[:, None] * D
+    x1 = tl.load(xp + r[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + (r[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * c[None, :] - x2 * s[None, :]
+    o2 = x2 * c[None, :] + x1 * s[None, :]
+    tl.store(op + r[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(op + HALF + r[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
+    if HAS_PASS:
+        # dims past the rotary ones are copied: the outputs are new tensors
+        p = 2 * HALF + tl.arange(0, BLOCK_P)
+        pm = h_ok[:, None] & (p < D)[None, :]
+        v = tl.load(xp + p[None, :] * sxd, mask=pm, other=0.0)
+        tl.store(op + p[None, :], v.to(o_ptr.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, oq_ptr, ok_ptr, cos_ptr, sin_ptr, pos_ptr,
+                   T, H, HK, S,
+                   sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                   scs, scr, sss, ssr, spb, spt,
+                   D: tl.constexpr, HALF: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr):
+    # grid: (B * T rows, head tiles of q then head tiles of k)
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    b = row // T
+    t = row - b * T
+    if HAS_POS:
+        pos = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
+        # negative positions count from the end of the table, as torch indexing does in the reference
+        pos = tl.where(pos < 0, pos + S, pos)
+    else:
+        pos = t
+    # the host validates positions; this guard keeps a skipped check (CUDA graph capture) from reading out of
+    # bounds, and makes such rows NaN rather than silently wrong
+    valid = (pos >= 0) & (pos < S)
+    pos = tl.where(valid, pos, 0)
+    r = tl.arange(0, BLOCK_R)
+    rm = r < HALF
+    c = tl.load(cos_ptr + pos * scs + r * scr, mask=rm, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * sss + r * ssr, mask=rm, other=0.0).to(tl.float32)
+    nan = tl.full([BLOCK_R], float("nan"), tl.float32)
+    c = tl.where(valid, c, nan)
+    s = tl.where(valid, s, nan)
+    if BACKWARD:
+        s = -s
+    n_q_tiles = tl.cdiv(H, BLOCK_H)
+    if tile < n_q_tiles:
+        _rotate_tile(q_ptr, oq_ptr, b * sqb + t * sqt, row * H * D, sqh, sqd, tile * BLOCK_H, H, c, s,
+                     D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
+    else:
+        _rotate_tile(k_ptr, ok_ptr, b * skb + t * skt, row * HK * D, skh, skd, (tile - n_q_tiles) * BLOCK_H, HK,
+                     c, s, D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
+
+
+_tuned_kernel = None
+
+
+def _cuda_kernel():
+    # built lazily: the autotuner cannot run under the interpreter. Memory-bound, so only the head tile and the
+    # warps are tuned, keyed on the head counts and dims (never on B or T)
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        configs = [triton.Config({"BLOCK_H": bh}, num_warps=w)
+                   for bh, w in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (16, 4), (16, 8))]
+        _tuned_kernel = triton.autotune(configs=configs, key=["H", "HK", "D", "HALF", "HAS_POS", "BACKWARD"])(
+            _rotary_kernel)
+    return _tuned_kernel
+
+
+def _new_output(shape, dtype, device):
+    """Allocation of the outputs (a hook the tests replace to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(x, y, cos, sin, pos, backward):
+    """Rotate x [B, T, H, D] and y [B, T, Hk, D] (either may be None) in one launch; new contiguous outputs."""
+    ref = x if x is not None else y
+    B, T, _, D = ref.shape
+    H = x.shape[2] if x is not None else 0
+    Hk = y.shape[2] if y is not None else 0
+    ox = _new_output((B, T, H, D), ref.dtype, ref.device) if x is not None else None
+    oy = _new_output((B, T, Hk, D), ref.dtype, ref.device) if y is not None else None
+    if B * T == 0 or H + Hk == 0:
+        return ox, oy
+    # a missing side gets zero heads and borrows the other side's pointers: it is never touched
+    xx, oxx = (x, ox) if x is not None else (y, oy)
+    yy, oyy = (y, oy) if y is not None else (x, ox)
+    half = cos.shape[1]
+    if pos is None:
+        pos_arg, spb, spt = cos, 0, 0
+    elif pos.dim() == 1:
+        pos_arg, spb, spt = pos, 0, pos.stride(0)
+    else:
+        pos_arg, spb, spt = pos, (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
+    args = (xx, yy, oxx, oyy, cos, sin, pos_arg, T, H, Hk, cos.shape[0],
+            *xx.stride(), *yy.stride(), *cos.stride(), *sin.stride(), spb, spt)
+    meta = dict(D=D, HALF=half, HAS_POS=pos is not None, BACKWARD=backward, BLOCK_R=next_power_of_2(half),
+                BLOCK_P=next_power_of_2(max(D - 2 * half, 1)), HAS_PASS=D > 2 * half)
+    if ref.device.type == "cuda" and not interpreting():
+        with torch.cuda.device(ref.device):
+            _cuda_kernel()[lambda m: (B * T, triton.cdiv(H, m["BLOCK_H"]) + triton.cdiv(Hk, m["BLOCK_H"]))](
+                *args, **meta)
+    else:
+        # few, wide programs: the interpreter pays per program
+        bh = min(next_power_of_2(max(H, Hk)), 32)
+        _rotary_kernel[(B * T, triton.cdiv(H, bh) + triton.cdiv(Hk, bh))](*args, BLOCK_H=bh, **meta)
+    return ox, oy
+
+
+# The last position_ids tensor whose range was checked on the host: the model passes one tensor to every layer,
+# so a forward pays one device sync, not one per layer. A weak reference (the object stays alive, so its memory
+# is not reused) plus its version counter (any in-place write bumps it) make the skip sound.
+_checked = {"ref": None, "version": None, "size": None}
+
+
+def _check_positions(pos, S):
+    if pos.numel() == 0:
+        return
+    tracked = not pos.is_inference()  # inference tensors keep no version counter: check them every time
+    if tracked and _checked["ref"] is not None and _checked["ref"]() is pos and _checked["version"] == pos._version \
+            and _checked["size"] == S:
+        return
+    if pos.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no sync possible while capturing; the kernel turns out-of-table rows into NaN instead
+    lo, hi = torch.stack(torch.aminmax(pos)).tolist()
+    if lo < -S or hi >= S:
+        raise UnsupportedInput(
+            f"apply_rotary: position_ids range over [{lo}, {hi}] but the cos/sin tables have {S} rows; "
+            f"build the tables for at least {hi + 1} positions"
+        )
+    if tracked:
+        _checked.update(ref=weakref.ref(pos), version=pos._version, size=S)
+
+
+def _validate(q, k, cos, sin, position_ids):
+    check_tensors("apply_rotary", q, k)
+    if q.dim() != 4 or k.dim() != 4:
+        raise UnsupportedInput(
+            f"apply_rotary: q and k must be [batch, seqlen, heads, head_dim], got shapes {tuple(q.shape)} and "
+            f"{tuple(k.shape)}"
+        )
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise UnsupportedInput(
+            f"apply_rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seqlen and head_dim "
+            f"(only the number of heads may differ)"
+        )
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedInput(f"apply_rotary: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise UnsupportedInput(f"apply_rotary: the {name} table must be float32 (rotary runs in fp32), got "
+                                   f"{t.dtype}; build it in fp32")
+        if t.device != q.device:
+            raise UnsupportedInput(f"apply_rotary: the {name} table is on {t.device} but q is on {q.device}; move it")
+        if t.dim() != 2:
+            raise UnsupportedInput(f"apply_rotary: the {name} table must be 2-D [positions, rotary_dim / 2], got "
+                                   f"shape {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise UnsupportedInput(f"apply_rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    S, half = cos.shape
+    if half < 1 or 2 * half > D:
+        raise UnsupportedInput(
+            f"apply_rotary: the tables give {2 * half} rotary dims but head_dim is {D}; they must have between 1 "
+            f"and head_dim / 2 = {D // 2} columns"
+        )
+    if position_ids is None:
+        if T > S:
+            raise UnsupportedInput(
+                f"apply_rotary: seqlen {T} is longer than the cos/sin tables ({S} positions); build longer tables"
+            )
+        return
+    if not isinstance(position_ids, torch.Tensor):
+        raise UnsupportedInput(f"apply_rotary: position_ids must be a tensor, got {type(position_ids).__name__}")
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        raise UnsupportedInput(f"apply_rotary: position_ids must be int32 or int64, got {position_ids.dtype}; cast "
+                               f"with .long()")
+    if position_ids.device != q.device:
+        raise UnsupportedInput(f"apply_rotary: position_ids are on {position_ids.device} but q is on {q.device}; "
+                               f"move them")
+    shape = tuple(position_ids.shape)
+    if not (shape == (T,) or (len(shape) == 2 and shape[1] == T and shape[0] in (1, B))):
+        raise UnsupportedInput(
+            f"apply_rotary: position_ids must be [seqlen] = ({T},) or [batch, seqlen] = ({B}, {T}), got {shape}"
+        )
+    _check_positions(position_ids, S)
+
+
+class _ApplyRotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids):
+        _validate(q, k, cos, sin, position_ids)
+        oq, ok = _launch(q, k, cos, sin, position_ids, backward=False)
+        # as in the reference, an output whose input needs no gradient does not require one either
+        for out, needed in ((oq, ctx.needs_input_grad[0]), (ok, ctx.needs_input_grad[1])):
+            if not needed:
+                ctx.mark_non_differentiable(out)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
+        return oq, ok
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin, position_ids = ctx.saved_tensors
+        gq = gq.to(ctx.q_dtype) if (gq is not None and ctx.needs_input_grad[0]) else None
+        gk = gk.to(ctx.k_dtype) if (gk is not None and ctx.needs_input_grad[1]) else None
+        if gq is None and gk is None:
+            return None, None, None, None, None
+        # gradients are read through their strides (expanded or sliced ones included) and never written
+        dq, dk = _launch(gq, gk, cos, sin, position_ids, backward=True)
+        return dq, dk, None, None, None
+
+
+def apply_rotary(q, k, cos, sin, position_ids=None):
+    """GPT-NeoX (rotate-half) rotary embedding of q and k in one launch; differentiable in q and k.
+
+    q: `[B, T, H, D]`, k: `[B, T, Hk, D]`, float32 / float16 / bfloat16 (one dtype), any strides (slices of a
+    packed qkv projection are read in place). cos, sin: float32 `[S, R/2]` tables, cos(p * inv_freq) for positions
+    0..S-1; the first R <= D dims of each head are rotated (halves [0, R/2) and [R/2, R)), the rest pass through.
+    position_ids: None (0..T-1), int32/int64 `[T]` or `[B, T]` (`[1, T]` broadcasts), each in [-S, S) (negatives
+    count from the end of the table, as torch indexing). Computed in fp32, cast back. Returns new contiguous
+    `(q_rot, k_rot)` of the input shapes and dtype.
+
+    Raises `UnsupportedInput` for inputs it cannot serve, a position outside the tables included (checked on the
+    host: one device sync per new position_ids tensor; skipped under CUDA graph capture, where such rows give NaN).
+    """
+    return _ApplyRotary.apply(q, k, cos, sin, position_ids)
