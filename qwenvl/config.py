@@ -214,7 +214,7 @@ def _tiny() -> QwenVLConfig:
             intermediate_size=256, seq_length=512,
         ),
         vision=VisionConfig(
-            image_size=112, patch_size=14, width=48, layers=2, heads=4, mlp_ratio=4.0, output_dim=64,
+            image_size=112, patch_size=14, width=48, layers=2, heads=3, mlp_ratio=4.0, output_dim=64,
             image_start_id=300, n_queries=64, adapter_head_dim=16,
         ),
         dtype="float32",

@@ -47,7 +47,7 @@ def _apply_repetition_penalty(logits, seen, penalty):
 
 def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, do_sample=False,
                    temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=None,
-                   pad_token_id=None, generator=None, image_features=None):
+                   pad_token_id=None, generator=None, image_features=None, vocab_size=None):
     """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`)."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -78,6 +78,9 @@ def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max
     stop_tensor = torch.tensor(stops, device=device, dtype=input_ids.dtype) if stops else None
     for step in range(max_new_tokens):
         logits = _apply_repetition_penalty(out.logits[:, -1].float(), seen, repetition_penalty)
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            # the embedding table is padded past the tokenizer (151936 vs 151860): those ids are not text
+            logits[:, vocab_size:] = float("-inf")
         nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         yield nxt
@@ -97,7 +100,8 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     """Generate up to `max_new_tokens` after `input_ids [B, T]` (left-padded, with `attention_mask`).
 
     Options: do_sample, temperature, top_p, top_k, repetition_penalty, eos_token_id (int or list: a row stops
-    there), pad_token_id (fills a stopped row; default the first stop id), generator, image_features.
+    there), pad_token_id (fills a stopped row; default the first stop id), generator, image_features, vocab_size
+    (the tokenizer's: ids past it, padding of the embedding table, are never produced).
     Returns `[B, T + n]` ids. `streamer`, when given, is called with each step's new ids `[B]`.
     """
     if input_ids.dim() == 1:
@@ -128,6 +132,7 @@ def chat_stream(model, tokenizer, query: str, history=None, system: str = DEFAUL
     ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
     stops = [tokenizer.im_end_id, tokenizer.eod_id]
     produced: list[int] = []
+    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
     for nxt in generate_steps(model, ids, pixel_values, None, max_new_tokens, do_sample=do_sample, top_p=top_p,
                               eos_token_id=stops, **kwargs):
         t = int(nxt[0])
@@ -142,6 +147,7 @@ def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTE
     """One ChatML turn of Qwen-VL-Chat: returns (response, history + [(query, response)])."""
     ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
     stops = [tokenizer.im_end_id, tokenizer.eod_id]
+    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
     out = generate(model, ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    top_p=top_p, eos_token_id=stops, **kwargs)
     new = [t for t in out[0, ids.shape[1]:].tolist()]

@@ -240,7 +240,7 @@ class QwenVL(nn.Module):
         inference = not self.training
         if cfg.use_dynamic_ntk and inference:
             if past == 0:  # alpha from each row's real prompt length, so a padded row behaves as if alone
-                lengths = [T] * B if seq_start is None else (T - seq_start).tolist()
+                lengths = [T] * B if attention_mask is None else attention_mask.sum(1).tolist()
                 alphas = [ntk_alpha(n, cfg.seq_length) for n in lengths]
             else:
                 alphas = cache.ntk_alphas

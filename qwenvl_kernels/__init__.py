@@ -1,28 +1,26 @@
 """Hand-written Triton kernels for Qwen-VL, each with a plain-PyTorch reference (`qwenvl_kernels.reference`).
 
-The public kernel functions import Triton lazily, so `import qwenvl_kernels` works without it.
+Without triton installed, `import qwenvl_kernels` still works (the "torch" backend); the kernel functions then raise.
 """
-from .backend import Backend, get_backend
+from .backend import Backend, get_backend, triton_available
 from .utils import UnsupportedInput
 
-_PUBLIC = {
-    "rms_norm": "rms_norm",
-    "layer_norm": "layer_norm",
-    "apply_rotary": "rotary",
-    "swiglu": "swiglu",
-    "flash_attn_func": "flash_attention",
-    "flash_attn_varlen_func": "flash_attention",
-    "decode_attention": "decode_attention",
-    "resampler_attention": "resampler_attention",
-    "linear_cross_entropy": "cross_entropy",
-}
+__all__ = ["Backend", "get_backend", "UnsupportedInput", "rms_norm", "layer_norm", "apply_rotary", "swiglu",
+           "flash_attn_func", "flash_attn_varlen_func", "decode_attention", "resampler_attention",
+           "linear_cross_entropy"]
 
-__all__ = ["Backend", "get_backend", "UnsupportedInput", *_PUBLIC]
-
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if triton_available():
+    # imported eagerly: a lazy import would let the submodules rms_norm, layer_norm and swiglu shadow their functions
+    from .cross_entropy import linear_cross_entropy
+    from .decode_attention import decode_attention
+    from .flash_attention import flash_attn_func, flash_attn_varlen_func
+    from .layer_norm import layer_norm
+    from .resampler_attention import resampler_attention
+    from .rms_norm import rms_norm
+    from .rotary import apply_rotary
+    from .swiglu import swiglu
+else:
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(f"qwenvl_kernels.{name} needs the triton package: pip install triton")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
