@@ -17,18 +17,22 @@ How it works. The tokens are cut into chunks of C rows. For each chunk:
      checked once by a probe), else per slice of the vocabulary through a bounded temporary.
 The gradients are therefore computed during the forward (the backward of a scalar loss only scales them); the
 backward multiplies them by the incoming `grad_output` (any value: loss * 0.5, gradient-accumulation scaling)
-without touching it. When neither input requires grad, steps 2b and 3 are skipped.
+without touching it. When neither input requires grad, the gradient pass of step 2 and step 3 are skipped.
 
 Memory model (N tokens, V vocabulary, H hidden, b = bytes of the input dtype), beyond the inputs themselves:
   fused (this module): one logits chunk C*V*b (C chosen so it is <= 256 MiB on CUDA, <= 8 MiB on the CPU;
-      Qwen-VL bf16: C = 832 rows, 253 MB), dhidden N*H*b, dW V*H*4 (fp32; 2.49 GB for Qwen-VL), per-row losses N*4;
-      the backward then allocates the weight gradient V*H*b and dhidden's scaled copy. The fp32 dW is the largest
-      term and does not grow with N. Without the out_dtype GEMM, a <= 64 MiB temporary per vocabulary slice.
-      The first CUDA call per (V, dtype) autotunes the row kernel on a clone of the chunk (restore_value).
-  unfused (reference): the logits N*V*b, their fp32 copy N*V*4, log-softmax N*V*4 saved for the backward, and in
-      the backward the logit gradient N*V*4 plus its cast N*V*b: for N = 4096 tokens of Qwen-VL in bf16 that is
-      2.49 GB per fp32 [N, V] tensor, ~10 GB at the peak, growing linearly with N.
-  tests/test_cross_entropy.py measures both peaks on the CPU with the profiler's allocator events.
+      Qwen-VL bf16: C = 832 rows, 253 MB), dhidden N*H*b, dW V*H*4 (fp32: 2.49 GB for Qwen-VL), per-row losses
+      N*4; the backward then allocates the weight gradient V*H*b (1.24 GB) and dhidden's scaled copy N*H*b. Only
+      the N*H terms grow with N. Without the out_dtype GEMM, add a <= 64 MiB temporary per vocabulary slice; the
+      first CUDA call per (V, dtype) autotunes the row kernel on a clone of the chunk (restore_value, since the
+      kernel writes in place). Qwen-VL, 4096 tokens, bf16: ~4 GB at the peak, flat in N.
+      fp32 dW costs 1.24 GB more than accumulating in bf16 and buys one rounding instead of one per chunk.
+  unfused (reference): the logits N*V*b, their fp32 copy N*V*4 and the log-softmax N*V*4 (saved for the backward)
+      live together in the forward; the backward adds the log-prob gradient and the logit gradient N*V*4 each and
+      the cast N*V*b. One fp32 [N, V] is 2.49 GB for 4096 Qwen-VL tokens; ~3 of them are live at the peak (~8 GB),
+      growing linearly with N.
+  tests/test_cross_entropy.py measures both peaks on the CPU with the profiler's allocator events (fused: exactly
+  the terms above; unfused: ~3.2 fp32 [N, V]) and, on CUDA, at the Qwen-VL size.
 
 Costs and limits: one small host sync per call (the label range check and the token count, read together).
 In fp16 the logit gradients are formed before `grad_output` is known, so a loss scaler's factor cannot lift
@@ -55,6 +59,8 @@ _DW_SLICE_BYTES = 64 << 20
 # the interpreter's fixed block: small enough that the test vocabulary 1000 spans two blocks (the last one partial),
 # large enough to keep the interpreter's per-block cost down
 _INTERPRET_BLOCK_V = 512
+# every buffer the forward must overwrite completely is allocated through this (tests poison it with NaN)
+_empty = torch.empty
 
 
 @triton.jit
@@ -141,7 +147,7 @@ def _fp32_out_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
                 want = c + 0.5 * (a.float().t() @ b.float())
                 torch.addmm(c, a.t(), b, out_dtype=torch.float32, alpha=0.5, out=c)
                 ok = c.dtype == torch.float32 and torch.allclose(c, want, rtol=1e-2, atol=1e-2)
-            except (RuntimeError, TypeError):
+            except Exception:  # an absent overload or an unsupported dtype: use the sliced path
                 ok = False
         _FP32_OUT_GEMM[key] = ok
     return _FP32_OUT_GEMM[key]
@@ -240,11 +246,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         C = chunk_size if chunk_size is not None else _chunk_rows(N, V, hidden.element_size(), device)
         C = max(1, min(C, N))
-        buf = torch.empty((C if N else 0, V), dtype=dtype, device=device)
-        losses = torch.empty(N, dtype=torch.float32, device=device)
-        dh = torch.empty((N, H), dtype=dtype, device=device) if need_dh else None
-        dw = torch.zeros((V, H), dtype=torch.float32 if dtype != torch.float32 else dtype, device=device) \
-            if need_dw else None
+        buf = _empty((C if N else 0, V), dtype=dtype, device=device)
+        losses = _empty(N, dtype=torch.float32, device=device)
+        dh = _empty((N, H), dtype=dtype, device=device) if need_dh else None
+        dw = torch.zeros((V, H), dtype=torch.float32, device=device) if need_dw else None
 
         for s in range(0, N, C):
             e = min(N, s + C)

@@ -8,7 +8,7 @@ import torch
 
 from qwenvl_kernels import reference
 from qwenvl_kernels.utils import UnsupportedInput
-from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
+from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous, poison_
 
 import qwenvl_kernels.cross_entropy as ce  # noqa: E402  (after conftest set TRITON_INTERPRET)
 from qwenvl_kernels.cross_entropy import linear_cross_entropy  # noqa: E402
@@ -47,7 +47,8 @@ def _check(hidden, weight, labels, dtype, grad_scale=1.0, ref_kw=None, **kw):
     return out
 
 
-# (N, V, H, chunk_size): V never a multiple of the block (the interpreter's is 512: 1000 spans two blocks); chunk sizes that leave a short last chunk
+# (N, V, H, chunk_size): V never a multiple of the block (the interpreter's is 512: 1000 spans two blocks);
+# chunk sizes that leave a short last chunk
 SHAPES = [(1, 7, 16, None), (7, 300, 64, 3), (65, 1000, 16, 16)]
 
 
@@ -63,6 +64,13 @@ def test_matches_reference_sum(N, V, H, chunk, dtype):
     _check(*_inputs(N, V, H, dtype), dtype, reduction="sum", chunk_size=chunk)
 
 
+@pytest.mark.parametrize("dtype", TEST_DTYPES)
+def test_poisoned_buffers(monkeypatch, dtype):
+    """The logits chunk, per-row losses and dhidden start as NaN: every row and chunk must be written."""
+    monkeypatch.setattr(ce, "_empty", lambda *a, **k: poison_(torch.empty(*a, **k)))
+    _check(*_inputs(23, 300, 16, dtype), dtype, reduction="mean", chunk_size=6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_all_ignored(reduction):
     hidden, weight, labels = _inputs(9, 300, 16, torch.float32)
@@ -76,7 +84,7 @@ def test_all_ignored(reduction):
 def test_empty_batch():
     hidden, weight, _ = _inputs(1, 7, 16, torch.float32)
     hidden = hidden[:0]
-    labels = torch.empty(0, dtype=torch.int64)
+    labels = torch.empty(0, dtype=torch.int64, device=DEVICE)
     for reduction in ("mean", "sum"):
         loss, dh, dw = _run(linear_cross_entropy, hidden, weight, labels, reduction=reduction)
         assert loss.item() == 0.0 and dh.shape == (0, 16) and torch.equal(dw, torch.zeros_like(dw))
@@ -101,7 +109,7 @@ def test_backward_keeps_incoming_gradient_and_saved_state():
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     loss = linear_cross_entropy(h, w, labels, chunk_size=4)
-    g = torch.tensor(0.5)
+    g = torch.tensor(0.5, device=DEVICE)
     loss.backward(g, retain_graph=True)
     first = (h.grad.clone(), w.grad.clone())
     loss.backward(g)  # a second backward must see unchanged saved gradients: grads accumulate to exactly twice
@@ -119,7 +127,7 @@ def test_non_contiguous_inputs(layout):
     if layout == "stride_gap":
         h_in = non_contiguous(hidden)
     elif layout == "row_slice":  # hidden[:, :-1] of a [B, T, H] decoder output, flattened: rows with a gap
-        wide = torch.randn(N, 3 * H)
+        wide = torch.randn(N, 3 * H, device=DEVICE)
         wide[:, H:2 * H] = hidden
         h_in = wide[:, H:2 * H]
     else:
@@ -161,6 +169,7 @@ def test_int32_labels():
 def test_sliced_dw_accumulation(monkeypatch):
     """fp16 dW accumulated in fp32 through vocabulary slices (the path without an fp32-output GEMM)."""
     monkeypatch.setattr(ce, "_DW_SLICE_BYTES", 64 * 16 * 2)  # 64 vocabulary rows per slice: 5 slices of 300
+    monkeypatch.setattr(ce, "_fp32_out_gemm_works", lambda device, dtype: False)  # on CUDA too
     hidden, weight, labels = _inputs(20, 300, 16, torch.float16)
     _check(hidden, weight, labels, torch.float16, reduction="sum", chunk_size=7)
 
@@ -228,8 +237,9 @@ def _cpu_peak_bytes(fn, tmp_path):
     return max([0] + [e["args"]["Total Allocated"] for e in events if e["args"].get("Device Type") == 0])
 
 
+@pytest.mark.skipif(CUDA, reason="CPU allocator events under the interpreter; CUDA: test_qwen_vl_size_cuda")
 def test_peak_memory_bounded_by_chunk(tmp_path):
-    N, V, H, C = 64, 700, 4, 4
+    N, V, H, C = 64, 700, 4, 8
     hidden, weight, labels = _inputs(N, V, H, torch.float32, device="cpu")
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -249,7 +259,7 @@ def test_peak_memory_bounded_by_chunk(tmp_path):
     model = C * V * 4 + 2 * V * H * 4 + 2 * N * H * 4 + 4 * N * 8
     print(f"peak fused {peak_fused} B (model {model} B), unfused {peak_ref} B, one [N, V] fp32 = {logits_bytes} B")
     assert peak_fused <= model
-    assert peak_fused < logits_bytes / 4
+    assert peak_fused < logits_bytes / 3
     assert peak_ref >= 2 * logits_bytes  # the tracker does see the materialized logits
     assert_close(w.grad, wr.grad, name="dweight")
     assert_close(h.grad, hr.grad, name="dhidden")
@@ -291,9 +301,11 @@ def test_qwen_vl_size_cuda():
 
     peak_fused, out = peak(lambda: _run(linear_cross_entropy, hidden, weight, labels))
     peak_unfused, ref_bf16 = peak(lambda: _run(reference.linear_cross_entropy, hidden, weight, labels))
-    # dW fp32 + returned dW and input copies made by _run (bf16) + chunk + its autotune clone + slack
-    bound = V * H * 4 + 2 * V * H * 2 + 2 * ce._CHUNK_BYTES_CUDA + 8 * N * H * 2 + (64 << 20)
-    print(f"peak fused {peak_fused / 2**30:.2f} GiB (bound {bound / 2**30:.2f}), unfused {peak_unfused / 2**30:.2f} GiB")
+    # dW fp32 + the weight copy made by _run and the returned dW (bf16) + the chunk, its autotune clone and
+    # do_bench's cache-flush buffer (first call) + dhidden and copies + slack (cuBLAS workspace, dW slices)
+    bound = V * H * 4 + 2 * V * H * 2 + 3 * ce._CHUNK_BYTES_CUDA + 8 * N * H * 2 + (256 << 20)
+    print(f"peak fused {peak_fused / 2**30:.2f} GiB (bound {bound / 2**30:.2f}), "
+          f"unfused {peak_unfused / 2**30:.2f} GiB")
     assert peak_fused <= bound
     assert peak_fused < peak_unfused
     for name, o, r in zip(("loss", "dhidden", "dweight"), out, ref_bf16):
