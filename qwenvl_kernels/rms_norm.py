@@ -78,6 +78,8 @@ def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _row_stride(t2: torch.Tensor) -> int:
+    # a single row's stride is arbitrary (even 1 after a transpose); a fixed value keeps Triton's integer
+    # specialization (==1, %16) from compiling another variant for it
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
