@@ -49,7 +49,8 @@ and lse [B, H, Nq] fp32 — what a plain MHA would save, without the per-image q
 
 Head dims up to 128 (any value: the block is padded to a power of two, at least 16, with a mask); any Nq, Nk, B;
 fp16, bf16 (CUDA only: the interpreter's bf16 dot is wrong) and fp32 (dot products in IEEE fp32, not TF32, so
-fp32 matches the reference closely).
+fp32 matches the reference closely). Under autocast the op runs in its inputs' dtype (autocast is switched off
+inside forward and backward, whose kernels need one dtype throughout); backward is once-differentiable.
 """
 from __future__ import annotations
 
@@ -388,6 +389,11 @@ class _ResamplerAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _ResamplerAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, pos_q, kv, pos_k, w_in, w_out, q, kxv, p_k, o, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         B, Nk, E = kv.shape

@@ -10,7 +10,7 @@ import torch.nn as nn
 from qwenvl_kernels import reference
 from qwenvl_kernels.resampler_attention import _dq_split, resampler_attention
 from qwenvl_kernels.utils import UnsupportedInput
-from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
+from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous, poison_
 
 NAMES = ("query", "pos_q", "kv", "pos_k", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
 TRAINED = ("query", "kv", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
@@ -103,6 +103,23 @@ def test_partial_requires_grad(requires):
     _check(_inputs(2, 7, 9, 64, torch.float32), 4, torch.float32, requires=requires)
 
 
+def test_every_buffer_written(monkeypatch):
+    """The op allocates its outputs and scratch (O, lse, Delta, dQ partials, dK|dV) itself: poison every fresh
+    allocation with NaN while it runs, so an element a kernel skips cannot pass."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return poison_(t) if t.is_floating_point() else t
+        return alloc
+
+    inp = _inputs(3, 19, 21, 64, torch.float32)
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    _check(inp, 4, torch.float32)
+
+
 def test_expanded_output_gradient():
     """`out.sum().backward()` hands backward a gradient with all strides 0."""
     _check(_inputs(2, 7, 9, 64, torch.float32), 4, torch.float32, grad=lambda g: g[:1, :1, :1].expand_as(g))
@@ -110,10 +127,16 @@ def test_expanded_output_gradient():
 
 def test_autocast_keeps_input_dtype():
     inp = _inputs(2, 7, 9, 64, torch.float32)
+    kv = inp["kv"].clone().requires_grad_()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = resampler_attention(*(inp[n] for n in NAMES), 4)
-    assert out.dtype == torch.float32
-    assert_close(out, reference.resampler_attention(*(inp[n].double() for n in NAMES), 4), torch.float32)
+        out = resampler_attention(*(kv if n == "kv" else inp[n] for n in NAMES), 4)
+        assert out.dtype == torch.float32
+        out.backward(torch.ones_like(out))  # backward in the autocast region too
+    ref_kv = inp["kv"].double().requires_grad_()
+    ref = reference.resampler_attention(*(ref_kv if n == "kv" else inp[n].double() for n in NAMES), 4)
+    ref.backward(torch.ones_like(ref))
+    assert_close(out, ref, torch.float32)
+    assert_close(kv.grad, ref_kv.grad, torch.float32, "grad kv")
 
 
 def test_no_grad_forward():
