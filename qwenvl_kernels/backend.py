@@ -30,8 +30,6 @@ KERNEL_MODULES = {
     "resampler_attention": "resampler_attention",
     "linear_cross_entropy": "cross_entropy",
 }
-# the name a function has in its kernel module when it differs
-_KERNEL_NAMES = {"varlen_attention": "flash_attn_varlen_func"}
 
 
 class Backend:
@@ -48,7 +46,7 @@ class Backend:
 
 def _triton_function(fn_name: str):
     module = importlib.import_module(f"qwenvl_kernels.{KERNEL_MODULES[fn_name]}")
-    return getattr(module, _KERNEL_NAMES.get(fn_name, fn_name))
+    return getattr(module, fn_name)
 
 
 def _first_tensor(args, kwargs):

@@ -17,14 +17,15 @@ The backward recomputes P = exp2(S * qk_scale - lse2) block by block:
   2. a dK/dV kernel: one program per (key block, batch, KV head) iterates over the query blocks of every query
      head that shares the KV head (grouped-query attention sums there, in registers) and writes dK, dV once;
   3. a dQ kernel: one program per (query block, batch, head) iterates over the key blocks and writes dQ once.
-Two kernels instead of one dK/dV kernel with `atomic_add` into an fp32 dQ: it recomputes QK^T and dO V^T once more
-(7 block matmuls instead of 5), but it is deterministic, needs no fp32 dQ scratch buffer nor a final cast, keeps
-GQA free of atomic contention (H/Hk programs would otherwise add into the same dQ rows... and dK/dV rows), and is
-safe to autotune (a kernel that accumulates with atomics gives wrong results when the autotuner reruns it unless
-every output is reset before each trial).
+Two kernels rather than one dK/dV kernel that also adds into an fp32 dQ with `atomic_add`: the split recomputes
+QK^T and dO V^T once more (7 block matmuls instead of 5, about 40% more backward FLOPs at equal efficiency), but
+it is deterministic (atomics add in a different order every run), needs no fp32 dQ scratch buffer and final
+cast, has no atomic contention on dQ rows (every key block of a row, times H/Hk for grouped-query attention),
+and is safe to autotune (the autotuner reruns a kernel, and atomics would accumulate across its trials).
 
-Masking is split per block: block pairs that are entirely visible run a loop without any mask; only the blocks
-that straddle the causal diagonal, the left-padding boundary or the sequence end pay for the masks.
+Masking is split per block: the key blocks that every row of a query block sees in full run a loop without the
+causal and sequence-end masks (only the left-padding compare, when seq_start is given); only the blocks that
+straddle the causal diagonal or the sequence end pay for the full masks.
 
 The head dim is padded to BLOCK_D = next_power_of_2(D) (at least 16, the smallest `tl.dot` size) with a mask, so
 head_dim 80 and 104 run in a 128-wide block.
@@ -37,6 +38,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2
 
@@ -55,34 +57,15 @@ _POISON_OUTPUTS = False
 # --------------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------------
+# Tile loads take `dmask` = offs_d < HEAD_DIM (the padded head-dim columns read as 0 and add 0 to every dot; with
+# HEAD_DIM a multiple of 8 the mask is constant over 8-element runs, so loads stay vectorized); tiles that may
+# cross a sequence end also mask rows. Loads and masks are written inline rather than through a helper: a nested
+# jit call is free when compiled but costs milliseconds per call under the interpreter, and these run per block.
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    # rows of a [rows, BLOCK_D] tile past n_rows and columns past HEAD_DIM read as 0 (they add 0 to every dot)
-    if CHECK_ROWS:
-        if HEAD_DIM == BLOCK_D:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return x
-
-
-@triton.jit
-def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if HEAD_DIM == BLOCK_D:
-        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
-    else:
-        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """(first row in memory, length) of the query and key sequences of batch entry / packed sequence b."""
+def _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr, HAS_SEQ_START: tl.constexpr):
+    """For batch entry (or packed sequence) b: first row in memory and length of its queries and keys, and
+    `first`, the first key it may see (left padding; clamped into [0, k_len])."""
     if VARLEN:
         q_start = tl.load(CU_Q + b)
         q_len = tl.load(CU_Q + b + 1) - q_start
@@ -93,60 +76,59 @@ def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         q_len = seqlen_q
         k_start = 0
         k_len = seqlen_k
-    return q_start, q_len, k_start, k_len
-
-
-@triton.jit
-def _first_key(SEQ_START, b, k_len, HAS_SEQ_START: tl.constexpr):
-    """Keys j < first are masked for batch entry b (left padding); clamped into [0, k_len]."""
     if HAS_SEQ_START:
-        first = tl.load(SEQ_START + b).to(tl.int32)
-        first = tl.minimum(tl.maximum(first, 0), k_len)
+        first = tl.minimum(tl.maximum(tl.load(SEQ_START + b).to(tl.int32), 0), k_len)
     else:
         first = 0
-    return first
+    return q_start, q_len, k_start, k_len, first
 
 
 @triton.jit
-def _key_split(m_start, k_len, shift, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr):
-    """Split the keys that rows [m_start, m_start + BLOCK_M) can see into [p0, p1) masked, [p1, p2) visible to
-    every row of the block (no mask), [p2, p3) masked. p0, p1, p2 are multiples of BLOCK_N (or equal to p3).
-    `shift` = k_len - q_len: the causal diagonal is aligned to the bottom-right corner (row i sees j <= i + shift)."""
+def _key_split(m_start, k_len, shift, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Split the keys that query rows [m_start, m_start + BLOCK_M) may see into [lo, mid), where every row of the
+    block sees every key up to the left-padding mask, and [mid, hi), which needs the causal and sequence-end masks.
+    lo and mid are multiples of BLOCK_N (or mid == hi). `shift` = k_len - q_len: causal is aligned to the
+    bottom-right corner (row i sees keys j <= i + shift).
+    The left-padding block is not given a loop of its own: one compare per score of [lo, mid) is cheaper than
+    a third pipelined loop."""
     hi = k_len
     full_end = k_len
     if CAUSAL:
-        hi = tl.minimum(k_len, tl.maximum(m_start + BLOCK_M + shift, 0))
-        full_end = tl.minimum(k_len, tl.maximum(m_start + shift + 1, 0))
-    p0 = (first // BLOCK_N) * BLOCK_N
-    full_lo = 0
-    if HAS_SEQ_START:
-        full_lo = tl.cdiv(first, BLOCK_N) * BLOCK_N
-    p1 = tl.maximum(tl.minimum(full_lo, hi), p0)
-    p2 = tl.maximum(tl.minimum((full_end // BLOCK_N) * BLOCK_N, hi), p1)
-    return p0, p1, p2, hi
+        hi = tl.minimum(k_len, tl.maximum(m_start + (BLOCK_M + shift), 0))
+        full_end = tl.minimum(k_len, tl.maximum(m_start + (shift + 1), 0))
+    lo = (first // BLOCK_N) * BLOCK_N
+    mid = tl.maximum(tl.minimum((full_end // BLOCK_N) * BLOCK_N, hi), lo)
+    return lo, mid, hi
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-               n_lo, n_hi, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, DOT_PREC: tl.constexpr):
-    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+               n_lo, n_hi, rows_shift, first, k_len, qk_scale, offs_n,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    # counting blocks rather than `range(n_lo, n_hi, BLOCK_N)`: with a loop start that depends on a loaded value
+    # (seq_start), ptxas serializes the sm_90 wgmma instructions of the pipelined loop
+    for it in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
+        start_n = tl.multiple_of(n_lo + it * BLOCK_N, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k = _load_tile(k_base + n64 * stride_kt + k_tile, cols, k_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k_ptrs = k_base + n64 * stride_kt + k_tile
+        v_ptrs = v_base + n64 * stride_vt + v_tile
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             valid = cols[None, :] < k_len
             if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None] + shift)
+                valid = valid & (cols[None, :] <= rows_shift[:, None])
             if HAS_SEQ_START:
                 valid = valid & (cols[None, :] >= first)
             s = tl.where(valid, s, float("-inf"))
+        elif HAS_SEQ_START:
+            # every row still sees a key of this block: the block holds `first` or lies past it
+            s = tl.where(cols[None, :] >= first, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
             # a row with no visible key so far has m = -inf: exponentiate against 0 so that -inf - -inf never
@@ -157,7 +139,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + n64 * stride_vt + v_tile, cols, k_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=dmask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -178,56 +163,57 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
-        # the last query blocks see the most keys: launch them first so the tail of the grid is short work
+        # the last query blocks see the most keys: launch them first so that the grid ends on short work
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    q_start, q_len, k_start, k_len, first = _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k,
+                                                      VARLEN, HAS_SEQ_START)
     m_start = pid_m * BLOCK_M
     if m_start >= q_len:
         return
-    first = _first_key(SEQ_START, b, k_len, HAS_SEQ_START)
     shift = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
     rows = m_start + offs_m
+    row_mask = (rows[:, None] < q_len) & dmask
     b64 = b.to(tl.int64)
-    row0 = (q_start + m_start).to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
-              + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    q = _load_tile(q_ptrs, rows, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
+    h64 = h.to(tl.int64)
     hk64 = (h // group).to(tl.int64)
+    row0 = (q_start + m_start).to(tl.int64)
     k0 = (k_start + 0 * b).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt
+                + (offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd), mask=row_mask, other=0.0)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kt
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vt
+    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    rows_shift = rows + shift
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p0, p1, p2, p3 = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ_START)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               p0, p1, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               p1, p2, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               p2, p3, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    lo, mid, hi = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+                               lo, mid, rows_shift, first, k_len, qk_scale, offs_n,
+                               BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+                               mid, hi, rows_shift, first, k_len, qk_scale, offs_n,
+                               BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
 
-    # a row that saw no key (causal above the diagonal when q_len > k_len, or all keys padded) outputs 0
+    # a row that saw no key (above the diagonal when q_len > k_len, or every key padded) outputs 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-    o_ptrs = (O + b64 * stride_ob + h.to(tl.int64) * stride_oh + row0 * stride_ot
-              + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
-    _store_tile(o_ptrs, out.to(O.dtype.element_ty), rows, q_len, offs_d, HEAD_DIM, BLOCK_D)
-    lse_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + row0 + offs_m
-    tl.store(lse_ptrs, lse, mask=rows < q_len)
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot
+             + (offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od),
+             out.to(O.dtype.element_ty), mask=row_mask)
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, lse, mask=rows < q_len)
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -243,48 +229,60 @@ def _attn_bwd_preprocess_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, VARLEN)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
     m_start = pid_m * BLOCK_M
     if m_start >= q_len:
         return
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = m_start + offs_m
+    mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     row0 = (q_start + m_start).to(tl.int64)
-    o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot
-                   + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                   rows, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
-                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    rows, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot
+                + (offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od), mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
+                 + (offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, delta, mask=rows < q_len)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-              n_lo, n_hi, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, DOT_PREC: tl.constexpr):
-    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+              n_lo, n_hi, rows_shift, first, k_len, qk_scale, offs_n,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    # counting blocks rather than `range(n_lo, n_hi, BLOCK_N)`: with a loop start that depends on a loaded value
+    # (seq_start), ptxas serializes the sm_90 wgmma instructions of the pipelined loop
+    for it in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
+        start_n = tl.multiple_of(n_lo + it * BLOCK_N, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k = _load_tile(k_base + n64 * stride_kt + k_tile, cols, k_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base + n64 * stride_vt + v_tile, cols, k_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k_ptrs = k_base + n64 * stride_kt + k_tile
+        v_ptrs = v_base + n64 * stride_vt + v_tile
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=dmask, other=0.0)
+            v = tl.load(v_ptrs, mask=dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             valid = cols[None, :] < k_len
             if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None] + shift)
+                valid = valid & (cols[None, :] <= rows_shift[:, None])
             if HAS_SEQ_START:
                 valid = valid & (cols[None, :] >= first)
             p = tl.where(valid, p, 0.0)
+        elif HAS_SEQ_START:
+            p = tl.where(cols[None, :] >= first, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -310,86 +308,84 @@ def _attn_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    q_start, q_len, k_start, k_len, first = _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k,
+                                                      VARLEN, HAS_SEQ_START)
     m_start = pid_m * BLOCK_M
     if m_start >= q_len:
         return
-    first = _first_key(SEQ_START, b, k_len, HAS_SEQ_START)
     shift = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
     rows = m_start + offs_m
+    row_mask = (rows[:, None] < q_len) & dmask
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    hk64 = (h // group).to(tl.int64)
     row0 = (q_start + m_start).to(tl.int64)
-    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt
-                   + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                   rows, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
-                    + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    rows, q_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    l_off = b64 * stride_lb + h64 * stride_lh + row0 + offs_m
-    lse = tl.load(LSE + l_off, mask=rows < q_len, other=0.0)
+    k0 = (k_start + 0 * b).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt
+                + (offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd), mask=row_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
+                 + (offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod), mask=row_mask, other=0.0)
+    l_ptrs = b64 * stride_lb + h64 * stride_lh + row0 + offs_m
+    lse = tl.load(LSE + l_ptrs, mask=rows < q_len, other=0.0)
     # a row that sees no key has lse = -inf: +inf makes every exp2(s - lse) of that row 0 instead of NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + l_off, mask=rows < q_len, other=0.0)
-    hk64 = (h // group).to(tl.int64)
-    k0 = (k_start + 0 * b).to(tl.int64)
+    delta = tl.load(DELTA + l_ptrs, mask=rows < q_len, other=0.0)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kt
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vt
+    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    rows_shift = rows + shift
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p0, p1, p2, p3 = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL, HAS_SEQ_START)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   p0, p1, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   p1, p2, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   p2, p3, rows, first, k_len, shift, qk_scale, offs_n, offs_d,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    lo, mid, hi = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+                   lo, mid, rows_shift, first, k_len, qk_scale, offs_n,
+                   BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
+                   mid, hi, rows_shift, first, k_len, qk_scale, offs_n,
+                   BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
     dq = dq * sm_scale
-    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqt
-                + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-                dq.to(DQ.dtype.element_ty), rows, q_len, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqt
+             + (offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd),
+             dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                m_lo, m_hi, cols, first, q_len, k_len, shift, qk_scale, offs_m, offs_d,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, DOT_PREC: tl.constexpr, LSE, DELTA):
-    # works on the transposed scores S^T [keys, queries] so that P^T and dS^T come out directly
-    q_tile = offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    do_tile = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile, stride_qt, stride_dot, dmask,
+                m_lo, m_hi, col_ok, cols_shift, q_len, qk_scale, offs_m,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    # works on the transposed scores S^T [keys, queries], so that P^T and dS^T come out directly
+    for it in range(0, tl.cdiv(m_hi - m_lo, BLOCK_M)):  # counting blocks: see _fwd_inner
+        start_m = tl.multiple_of(m_lo + it * BLOCK_M, BLOCK_M)
         m64 = start_m.to(tl.int64)
-        q = _load_tile(q_base + m64 * stride_qt + q_tile, rows, q_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        q_ptrs = q_base + m64 * stride_qt + q_tile
+        do_ptrs = do_base + m64 * stride_dot + do_tile
         if MASKED:
-            lse = tl.load(LSE + l_base + start_m + offs_m, mask=rows < q_len, other=0.0)
+            rows = start_m + offs_m
+            q = tl.load(q_ptrs, mask=(rows[:, None] < q_len) & dmask, other=0.0)
+            lse = tl.load(LSE + l_ptrs + m64, mask=rows < q_len, other=0.0)
         else:
-            lse = tl.load(LSE + l_base + start_m + offs_m)
+            q = tl.load(q_ptrs, mask=dmask, other=0.0)
+            lse = tl.load(LSE + l_ptrs + m64)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
-            valid = (rows[None, :] < q_len) & (cols[:, None] < k_len)
+            valid = (rows[None, :] < q_len) & col_ok
             if CAUSAL:
-                valid = valid & (cols[:, None] <= rows[None, :] + shift)
-            if HAS_SEQ_START:
-                valid = valid & (cols[:, None] >= first)
+                valid = valid & (cols_shift[:, None] <= rows[None, :])
             p_t = tl.where(valid, p_t, 0.0)
-        do = _load_tile(do_base + m64 * stride_dot + do_tile, rows, q_len, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        if MASKED:
-            delta = tl.load(DELTA + l_base + start_m + offs_m, mask=rows < q_len, other=0.0)
+            do = tl.load(do_ptrs, mask=(rows[:, None] < q_len) & dmask, other=0.0)
+            delta = tl.load(DELTA + l_ptrs + m64, mask=rows < q_len, other=0.0)
         else:
-            delta = tl.load(DELTA + l_base + start_m + offs_m)
+            do = tl.load(do_ptrs, mask=dmask, other=0.0)
+            delta = tl.load(DELTA + l_ptrs + m64)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
@@ -414,72 +410,78 @@ def _attn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    q_start, q_len, k_start, k_len, first = _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k,
+                                                      VARLEN, HAS_SEQ_START)
     n_start = pid_n * BLOCK_N
     if n_start >= k_len:
         return
-    first = _first_key(SEQ_START, b, k_len, HAS_SEQ_START)
     shift = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
     cols = n_start + offs_n
+    col_mask = (cols[:, None] < k_len) & dmask
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     col0 = (k_start + n_start).to(tl.int64)
-    k = _load_tile(K + b64 * stride_kb + hk64 * stride_kh + col0 * stride_kt
-                   + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                   cols, k_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + b64 * stride_vb + hk64 * stride_vh + col0 * stride_vt
-                   + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                   cols, k_len, offs_d, HEAD_DIM, BLOCK_D, True)
+    q0 = (q_start + 0 * b).to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + col0 * stride_kt
+                + (offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd), mask=col_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + col0 * stride_vt
+                + (offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd), mask=col_mask, other=0.0)
+    col_ok = cols[:, None] < k_len
+    if HAS_SEQ_START:
+        col_ok = col_ok & (cols[:, None] >= first)
+    cols_shift = cols - shift
+    q_tile = offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    do_tile = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
 
-    # Query blocks that see this key block: [m0, m1) masked, [m1, m2) no mask, [m2, m3) masked.
+    # The query blocks that see this key block: [m0, m1) masked, [m1, m2) no mask, [m2, m3) masked.
     m3 = q_len
     m0 = 0
     m1 = 0
     if CAUSAL:
-        # row i sees key j iff j <= i + shift: the first row that sees n_start, and the first that sees the
-        # whole block
+        # row i sees key j iff j <= i + shift: the first block with a row that sees key n_start, and the first
+        # block whose rows all see the whole key block
         m0 = (tl.maximum(n_start - shift, 0) // BLOCK_M) * BLOCK_M
-        m1 = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        m1 = tl.cdiv(tl.maximum(n_start + (BLOCK_N - 1) - shift, 0), BLOCK_M) * BLOCK_M
     if HAS_SEQ_START:
-        # a key block that lies entirely in the left padding gets zero gradients: no query block to visit
+        # a key block entirely in the left padding gets zero gradients: no query block to visit
         m3 = tl.where(n_start + BLOCK_N <= first, 0, m3)
         m0 = tl.minimum(m0, m3)
     m1 = tl.maximum(tl.minimum(m1, m3), m0)
     whole_block = n_start + BLOCK_N <= k_len
     if HAS_SEQ_START:
         whole_block = whole_block & (n_start >= first)
-    m2 = tl.where(whole_block, (m3 // BLOCK_M) * BLOCK_M, m1)
-    m2 = tl.maximum(m2, m1)
+    m2 = tl.maximum(tl.where(whole_block, (m3 // BLOCK_M) * BLOCK_M, m1), m1)
 
-    q0 = (q_start + 0 * b).to(tl.int64)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # grouped-query attention: the query heads hk * group .. hk * group + group - 1 share this KV head
+    # grouped-query attention: query heads hk * group ... hk * group + group - 1 share this KV head, their
+    # contributions are summed here in registers
     for g in range(0, group):
         h64 = (hk * group + g).to(tl.int64)
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qt
         do_base = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dot
-        l_base = b64 * stride_lb + h64 * stride_lh + q0
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                             m0, m1, cols, first, q_len, k_len, shift, qk_scale, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_SEQ_START, DOT_PREC, LSE, DELTA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                             m1, m2, cols, first, q_len, k_len, shift, qk_scale, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, HAS_SEQ_START, DOT_PREC, LSE, DELTA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                             m2, m3, cols, first, q_len, k_len, shift, qk_scale, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_SEQ_START, DOT_PREC, LSE, DELTA)
+        l_ptrs = b64 * stride_lb + h64 * stride_lh + q0 + offs_m
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
+                             stride_qt, stride_dot, dmask, m0, m1, col_ok, cols_shift, q_len, qk_scale, offs_m,
+                             BLOCK_M, True, CAUSAL, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
+                             stride_qt, stride_dot, dmask, m1, m2, col_ok, cols_shift, q_len, qk_scale, offs_m,
+                             BLOCK_M, False, CAUSAL, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
+                             stride_qt, stride_dot, dmask, m2, m3, col_ok, cols_shift, q_len, qk_scale, offs_m,
+                             BLOCK_M, True, CAUSAL, DOT_PREC)
     dk = dk * sm_scale
-    _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkt
-                + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-                dk.to(DK.dtype.element_ty), cols, k_len, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvt
-                + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-                dv.to(DV.dtype.element_ty), cols, k_len, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkt
+             + (offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd),
+             dk.to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvt
+             + (offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd),
+             dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -490,20 +492,27 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# H100-minded candidates per kernel and head-dim bucket (BLOCK_D <= 64, BLOCK_D == 128). BLOCK_M is the query
-# block, BLOCK_N the key block. The forward wants a tall query block (128) so that K/V tiles are reused by many
-# rows, and a 64-wide key block at d=128 to keep the fp32 accumulator and P in registers; the dK/dV kernel holds
-# two [BLOCK_N, BLOCK_D] fp32 accumulators, hence narrower query blocks there. Configs that do not fit in shared
-# memory (fp32 inputs) are skipped by the autotuner, and each list ends with a small one that always fits.
+# H100-minded candidates per kernel and head-dim bucket (BLOCK_D <= 64, BLOCK_D == 128) for 16-bit inputs. BLOCK_M
+# is the query block, BLOCK_N the key block. The forward wants a tall query block (128) so that every K/V tile
+# is reused by many rows, with a 64-wide key block at d=128 to keep the fp32 accumulator and P in registers; the
+# dK/dV kernel holds two [BLOCK_N, BLOCK_D] fp32 accumulators plus K and V, hence wide key blocks, narrow query
+# blocks and 8 warps there. Checked offline (Triton 3.9 AOT for sm_90, ptxas -v): all of them compile, use wgmma
+# and cp.async pipelining, and spill at most ~50 bytes (d=128 dK/dV, fwd (128, 32)); none serializes its wgmma.
 _CUDA_CONFIGS = {
-    ("fwd", 64): [_cfg(128, 64, 4, 3), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
-    ("fwd", 128): [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3),
-                   _cfg(64, 32, 4, 2)],
-    ("dq", 64): [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
-    ("dq", 128): [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
-    ("dkdv", 64): [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)],
-    ("dkdv", 128): [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2)],
+    ("fwd", 64): [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+    ("fwd", 128): [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3)],
+    ("dq", 64): [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    ("dq", 128): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3)],
+    ("dkdv", 64): [_cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 3)],
+    ("dkdv", 128): [_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 128, 8, 2)],
 }
+# On CUDA, 16-bit launches are autotuned over the list above once per key; with AUTOTUNE = False they take the
+# first config of each list (no tuning time: short jobs, tests that only check numbers).
+AUTOTUNE = True
+# fp32 inputs are the exactness path, not a speed path: products in full fp32 ("ieee": FMA, no tensor cores; tf32
+# would be ~1e-3 off the fp32 reference), which needs far more registers, so one small fixed config, not tuned
+# (tuning would also compile every fp32 candidate, tens of seconds each).
+_FP32_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 # structural sizes and features only, never a sequence length (that would retune at every new length); the
 # autotuner adds the dtypes of the tensor arguments to the key itself
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ_START", "VARLEN", "DOT_PREC"]
@@ -519,12 +528,18 @@ def _launch(kind, n_rows, n_bh, args, consts):
     """Launch kernel `kind` over (blocks of n_rows, n_bh). The row blocks are query blocks (BLOCK_M) for the
     forward and dQ kernels, key blocks (BLOCK_N) for dK/dV."""
     row_block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if interpreting():
-        bm, bn = INTERPRETER_BLOCKS[kind]
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-        _KERNELS[kind][(triton.cdiv(n_rows, meta[row_block]), n_bh)](*args, **consts, **meta)
-        return
     bucket = 64 if consts["BLOCK_D"] <= 64 else 128
+    fixed = None
+    if interpreting():  # the autotuner needs a GPU driver
+        fixed = dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS[kind]))
+    elif consts["DOT_PREC"] == "ieee":
+        fixed = dict(_FP32_CONFIG)
+    elif not AUTOTUNE:
+        cfg = _CUDA_CONFIGS[(kind, bucket)][0]
+        fixed = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if fixed is not None:
+        _KERNELS[kind][(triton.cdiv(n_rows, fixed[row_block]), n_bh)](*args, **consts, **fixed)
+        return
     grid = lambda meta: (triton.cdiv(n_rows, meta[row_block]), n_bh)  # noqa: E731
     _tuned_kernel(kind, bucket)[grid](*args, **consts)
 
@@ -580,6 +595,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, seq_start, cu_q, cu_k = ctx.saved_tensors
         n_seq, max_q, max_k, scale, causal, stride_l, consts = ctx.meta
@@ -621,7 +637,7 @@ def _zero_or_none(t):
 
 
 def _consts(head_dim, block_d, causal, has_seq_start, varlen, dtype):
-    # fp32 inputs get exact fp32 products (tf32 would be ~1e-3 off the fp32 reference); 16-bit inputs ignore this
+    # 16-bit inputs ignore DOT_PREC; for fp32 see _FP32_CONFIG
     return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": bool(causal), "HAS_SEQ_START": has_seq_start,
             "VARLEN": varlen, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
@@ -671,20 +687,8 @@ def _check_grid(name, n_bh):
                                f"axis allows; split the batch")
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, seq_start=None):
-    """Softmax attention with flash-attn 2 layout and semantics (`reference.attention`).
-
-    q: [batch, seqlen_q, nheads, headdim]; k, v: [batch, seqlen_k, nheads_k, headdim]; one dtype among float16,
-    bfloat16, float32, on one CUDA device (or the CPU under TRITON_INTERPRET=1). nheads must be a multiple of
-    nheads_k (grouped-query attention), headdim a multiple of 8 and at most 128. Any strides.
-    causal: query i sees keys j <= i + seqlen_k - seqlen_q (aligned to the bottom-right corner).
-    softmax_scale: defaults to 1 / sqrt(headdim).
-    seq_start: optional int32/int64 tensor [batch]: keys j < seq_start[b] are masked for batch entry b (left
-    padding). A query row that sees no key outputs zeros and gets zero gradients.
-    Returns [batch, seqlen_q, nheads, headdim] in q's dtype; differentiable in q, k and v.
-    """
-    name = "attention"
-    scale = _check_common(name, q, k, v, 4, "[batch, seqlen, heads, head_dim]", 0.0, softmax_scale)
+def _attention(name, q, k, v, causal, softmax_scale, seq_start, dropout_p=0.0):
+    scale = _check_common(name, q, k, v, 4, "[batch, seqlen, heads, head_dim]", dropout_p, softmax_scale)
     B, Tq, H, D = q.shape
     if k.shape[0] != B:
         raise UnsupportedInput(f"{name}: q and k/v have different batch sizes ({B} and {k.shape[0]})")
@@ -700,13 +704,27 @@ def attention(q, k, v, causal=False, softmax_scale=None, seq_start=None):
     return _FlashAttention.apply(q, k, v, seq_start, None, None, B, Tq, k.shape[1], scale, bool(causal))
 
 
+def attention(q, k, v, causal=False, softmax_scale=None, seq_start=None):
+    """Softmax attention with flash-attn 2 layout and semantics (`reference.attention`).
+
+    q: [batch, seqlen_q, nheads, headdim]; k, v: [batch, seqlen_k, nheads_k, headdim]; one dtype among float16,
+    bfloat16, float32, on one CUDA device (or the CPU under TRITON_INTERPRET=1). nheads must be a multiple of
+    nheads_k (grouped-query attention), headdim a multiple of 8 and at most 128. Any strides.
+    causal: query i sees keys j <= i + seqlen_k - seqlen_q (aligned to the bottom-right corner).
+    softmax_scale: defaults to 1 / sqrt(headdim).
+    seq_start: optional int32/int64 tensor [batch]: keys j < seq_start[b] are masked for batch entry b (left
+    padding). A query row that sees no key outputs zeros and gets zero gradients.
+    Returns [batch, seqlen_q, nheads, headdim] in q's dtype; differentiable in q, k and v.
+    """
+    return _attention("attention", q, k, v, causal, softmax_scale, seq_start)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
     """flash-attn 2 `flash_attn_func`: q [batch, seqlen_q, nheads, headdim], k/v [batch, seqlen_k, nheads_k,
     headdim], float16/bfloat16/float32; headdim a multiple of 8, at most 128; nheads a multiple of nheads_k.
     causal aligns to the bottom-right corner when seqlen_q != seqlen_k (a row that sees no key outputs zeros).
     dropout_p must be 0.0 (dropout is not implemented). Returns [batch, seqlen_q, nheads, headdim]."""
-    _check_common("flash_attn_func", q, k, v, 4, "[batch, seqlen, heads, head_dim]", dropout_p, softmax_scale)
-    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return _attention("flash_attn_func", q, k, v, causal, softmax_scale, None, dropout_p)
 
 
 def _check_cu(name, cu, which, total, max_seqlen, device):
@@ -727,9 +745,12 @@ def _check_cu(name, cu, which, total, max_seqlen, device):
         raise UnsupportedInput(f"{name}: {which}[-1] = {int(vals[-1])} must equal the number of packed tokens "
                                f"{total}")
     longest = int(lens.max()) if lens.numel() else 0
+    if max_seqlen is None:
+        return cu.contiguous(), longest
+    max_seqlen = int(max_seqlen)
     if max_seqlen < longest:
         raise UnsupportedInput(f"{name}: max_seqlen for {which} is {max_seqlen} but a sequence has {longest} tokens")
-    return cu.contiguous()
+    return cu.contiguous(), max_seqlen
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -737,12 +758,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn 2 `flash_attn_varlen_func` (`reference.varlen_attention`): packed sequences that attend only to
     themselves. q [total_q, nheads, headdim], k/v [total_k, nheads_k, headdim] (dtypes, head dims and heads as in
     `flash_attn_func`); cu_seqlens_q/k int32 [num_seqs + 1], non-decreasing from 0 to total_q / total_k;
-    max_seqlen_q/k: the longest sequence lengths. Causal is bottom-right aligned per sequence; a query of a
-    sequence with no key outputs zeros. Returns [total_q, nheads, headdim]; differentiable in q, k and v."""
+    max_seqlen_q/k: the longest sequence lengths (None: read from cu_seqlens, which is checked on the host anyway).
+    Causal is bottom-right aligned per sequence; a query of a sequence with no key outputs zeros.
+    Returns [total_q, nheads, headdim]; differentiable in q, k and v."""
     name = "flash_attn_varlen_func"
     scale = _check_common(name, q, k, v, 3, "[total_tokens, heads, head_dim]", dropout_p, softmax_scale)
-    cu_q = _check_cu(name, cu_seqlens_q, "cu_seqlens_q", q.shape[0], int(max_seqlen_q), q.device)
-    cu_k = _check_cu(name, cu_seqlens_k, "cu_seqlens_k", k.shape[0], int(max_seqlen_k), q.device)
+    cu_q, max_q = _check_cu(name, cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    cu_k, max_k = _check_cu(name, cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
     if cu_q.numel() != cu_k.numel():
         raise UnsupportedInput(f"{name}: cu_seqlens_q and cu_seqlens_k describe different numbers of sequences "
                                f"({cu_q.numel() - 1} and {cu_k.numel() - 1})")
@@ -750,6 +772,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     H = q.shape[1]
     _check_grid(name, n * H)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    o = _FlashAttention.apply(q[None], k[None], v[None], None, cu_q, cu_k, n, int(max_seqlen_q), int(max_seqlen_k),
-                              scale, bool(causal))
+    o = _FlashAttention.apply(q[None], k[None], v[None], None, cu_q, cu_k, n, max_q, max_k, scale, bool(causal))
     return o[0]
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                     softmax_scale=None):
+    """The backend's packed-sequence call, with `reference.varlen_attention`'s signature (no dropout argument)."""
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale=softmax_scale, causal=causal)
