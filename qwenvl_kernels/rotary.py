@@ -16,44 +16,49 @@ from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_
 
 
 @triton.jit
-def _rotate_tile(x_ptr, o_ptr, x_row, o_row, sxh, sxd, h0, NH, c, s,
+def _rotate_tile(x_ptr, o_ptr, x_rows, o_rows, row_ok, sxh, sxd, h0, NH, c, s,
                  D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr):
-    # one (b, t) row, heads h0 .. h0 + BLOCK_H - 1 of one tensor; the output is contiguous [.., NH, D]
+    # BLOCK_T (b, t) rows x heads h0 .. h0 + BLOCK_H - 1 of one tensor, as [BLOCK_T, BLOCK_H, dims] tiles;
+    # the output is contiguous [.., NH, D]
     h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
-    h_ok = h < NH
-    m = h_ok[:, None] & (r < HALF)[None, :]
-    xp = x_ptr + x_row + h[:, None] * sxh
-    op = o_ptr + o_row + h[:, None] * D
-    x1 = tl.load(xp + r[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + (r[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * c[None, :] - x2 * s[None, :]
-    o2 = x2 * c[None, :] + x1 * s[None, :]
-    tl.store(op + r[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(op + HALF + r[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
+    rh = row_ok[:, None] & (h < NH)[None, :]
+    m = rh[:, :, None] & (r < HALF)[None, None, :]
+    xp = x_ptr + x_rows[:, None, None] + h[None, :, None] * sxh
+    op = o_ptr + o_rows[:, None, None] + h[None, :, None] * D
+    x1 = tl.load(xp + r[None, None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + (r[None, None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
+    cc = c[:, None, :]
+    ss = s[:, None, :]
+    o1 = x1 * cc - x2 * ss
+    o2 = x2 * cc + x1 * ss
+    tl.store(op + r[None, None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(op + HALF + r[None, None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
     if HAS_PASS:
         # dims past the rotary ones are copied: the outputs are new tensors
         p = 2 * HALF + tl.arange(0, BLOCK_P)
-        pm = h_ok[:, None] & (p < D)[None, :]
-        v = tl.load(xp + p[None, :] * sxd, mask=pm, other=0.0)
-        tl.store(op + p[None, :], v.to(o_ptr.dtype.element_ty), mask=pm)
+        pm = rh[:, :, None] & (p < D)[None, None, :]
+        v = tl.load(xp + p[None, None, :] * sxd, mask=pm, other=0.0)
+        tl.store(op + p[None, None, :], v.to(o_ptr.dtype.element_ty), mask=pm)
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, oq_ptr, ok_ptr, cos_ptr, sin_ptr, pos_ptr,
-                   T, H, HK, S,
+                   T, H, HK, S, ROWS,
                    sqb, sqt, sqh, sqd, skb, skt, skh, skd,
                    scs, scr, sss, ssr, spb, spt,
                    D: tl.constexpr, HALF: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr):
-    # grid: (B * T rows, head tiles of q then head tiles of k)
-    row = tl.program_id(0).to(tl.int64)
+                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                   HAS_PASS: tl.constexpr):
+    # grid: (blocks of BLOCK_T of the B * T rows, head tiles of q then head tiles of k)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    row_ok = row < ROWS
     tile = tl.program_id(1)
     b = row // T
     t = row - b * T
     if HAS_POS:
-        pos = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
+        pos = tl.load(pos_ptr + b * spb + t * spt, mask=row_ok, other=0).to(tl.int64)
         # negative positions count from the end of the table, as torch indexing does in the reference
         pos = tl.where(pos < 0, pos + S, pos)
     else:
@@ -63,21 +68,20 @@ def _rotary_kernel(q_ptr, k_ptr, oq_ptr, ok_ptr, cos_ptr, sin_ptr, pos_ptr,
     valid = (pos >= 0) & (pos < S)
     pos = tl.where(valid, pos, 0)
     r = tl.arange(0, BLOCK_R)
-    rm = r < HALF
-    c = tl.load(cos_ptr + pos * scs + r * scr, mask=rm, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * sss + r * ssr, mask=rm, other=0.0).to(tl.float32)
-    nan = tl.full([BLOCK_R], float("nan"), tl.float32)
-    c = tl.where(valid, c, nan)
-    s = tl.where(valid, s, nan)
+    rm = row_ok[:, None] & (r < HALF)[None, :]
+    c = tl.load(cos_ptr + pos[:, None] * scs + r[None, :] * scr, mask=rm, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos[:, None] * sss + r[None, :] * ssr, mask=rm, other=0.0).to(tl.float32)
+    c = tl.where(valid[:, None], c, float("nan"))
+    s = tl.where(valid[:, None], s, float("nan"))
     if BACKWARD:
         s = -s
     n_q_tiles = tl.cdiv(H, BLOCK_H)
     if tile < n_q_tiles:
-        _rotate_tile(q_ptr, oq_ptr, b * sqb + t * sqt, row * H * D, sqh, sqd, tile * BLOCK_H, H, c, s,
+        _rotate_tile(q_ptr, oq_ptr, b * sqb + t * sqt, row * H * D, row_ok, sqh, sqd, tile * BLOCK_H, H, c, s,
                      D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
     else:
-        _rotate_tile(k_ptr, ok_ptr, b * skb + t * skt, row * HK * D, skh, skd, (tile - n_q_tiles) * BLOCK_H, HK,
-                     c, s, D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
+        _rotate_tile(k_ptr, ok_ptr, b * skb + t * skt, row * HK * D, row_ok, skh, skd, (tile - n_q_tiles) * BLOCK_H,
+                     HK, c, s, D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
 
 
 _tuned_kernel = None
@@ -88,8 +92,9 @@ def _cuda_kernel():
     # warps are tuned, keyed on the head counts and dims (never on B or T)
     global _tuned_kernel
     if _tuned_kernel is None:
-        configs = [triton.Config({"BLOCK_H": bh}, num_warps=w)
-                   for bh, w in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (16, 4), (16, 8))]
+        configs = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
+                   for bt, bh, w in ((1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 4, 2), (1, 4, 4), (1, 8, 4), (1, 16, 4),
+                                     (1, 16, 8), (2, 8, 4), (4, 4, 4), (4, 8, 8))]
         _tuned_kernel = triton.autotune(configs=configs, key=["H", "HK", "D", "HALF", "HAS_POS", "BACKWARD"])(
             _rotary_kernel)
     return _tuned_kernel
@@ -120,18 +125,20 @@ def _launch(x, y, cos, sin, pos, backward):
         pos_arg, spb, spt = pos, 0, pos.stride(0)
     else:
         pos_arg, spb, spt = pos, (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
-    args = (xx, yy, oxx, oyy, cos, sin, pos_arg, T, H, Hk, cos.shape[0],
+    args = (xx, yy, oxx, oyy, cos, sin, pos_arg, T, H, Hk, cos.shape[0], B * T,
             *xx.stride(), *yy.stride(), *cos.stride(), *sin.stride(), spb, spt)
     meta = dict(D=D, HALF=half, HAS_POS=pos is not None, BACKWARD=backward, BLOCK_R=next_power_of_2(half),
                 BLOCK_P=next_power_of_2(max(D - 2 * half, 1)), HAS_PASS=D > 2 * half)
     if ref.device.type == "cuda" and not interpreting():
         with torch.cuda.device(ref.device):
-            _cuda_kernel()[lambda m: (B * T, triton.cdiv(H, m["BLOCK_H"]) + triton.cdiv(Hk, m["BLOCK_H"]))](
-                *args, **meta)
+            _cuda_kernel()[lambda m: (triton.cdiv(B * T, m["BLOCK_T"]),
+                                      triton.cdiv(H, m["BLOCK_H"]) + triton.cdiv(Hk, m["BLOCK_H"]))](*args, **meta)
     else:
-        # few, wide programs: the interpreter pays per program
+        # few, wide programs: the interpreter pays per program and per operation, not per element
         bh = min(next_power_of_2(max(H, Hk)), 32)
-        _rotary_kernel[(B * T, triton.cdiv(H, bh) + triton.cdiv(Hk, bh))](*args, BLOCK_H=bh, **meta)
+        bt = min(next_power_of_2(B * T), 64)
+        grid = (triton.cdiv(B * T, bt), triton.cdiv(H, bh) + triton.cdiv(Hk, bh))
+        _rotary_kernel[grid](*args, BLOCK_T=bt, BLOCK_H=bh, **meta)
     return ox, oy
 
 
