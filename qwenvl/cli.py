@@ -23,14 +23,23 @@ def _load(args):
     return model, tokenizer
 
 
-def _chat_format(args) -> str:
-    if args.format:
-        return args.format
+def _generation_config(args) -> dict:
     path = os.path.join(args.checkpoint, "generation_config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("chat_format", "raw")
-    return "raw"
+            return json.load(f)
+    return {}
+
+
+def _chat_format(args) -> str:
+    return args.format or _generation_config(args).get("chat_format", "raw")
+
+
+def _system_prompt(args) -> str:
+    """The system prompt the checkpoint was trained with (generation_config.json), else Qwen-VL-Chat's."""
+    from .generation import DEFAULT_SYSTEM
+
+    return _generation_config(args).get("system", DEFAULT_SYSTEM)
 
 
 def _draw_if_grounded(text, image, out_path):
@@ -53,7 +62,7 @@ def cmd_generate(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     if _chat_format(args) == "chatml":
-        response, _ = chat(model, tok, query, **gen)
+        response, _ = chat(model, tok, query, system=_system_prompt(args), **gen)
     else:
         from .processing import images_for
 
@@ -91,7 +100,8 @@ def cmd_chat(args) -> int:
         last_image = pending_images[-1] if pending_images else None
         pending_images = []
         shown = ""
-        for text in chat_stream(model, tok, query, history=history, max_new_tokens=args.max_new_tokens,
+        for text in chat_stream(model, tok, query, history=history, system=_system_prompt(args),
+                                max_new_tokens=args.max_new_tokens,
                                 do_sample=args.sample, top_p=args.top_p, temperature=args.temperature):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()

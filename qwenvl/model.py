@@ -70,7 +70,7 @@ class QwenVL(nn.Module):
         nn.init.normal_(v.positional_embedding, std=v.cfg.width**-0.5)
         nn.init.normal_(v.proj, std=v.cfg.output_dim**-0.5)
         nn.init.trunc_normal_(v.attn_pool.query, std=std)
-        nn.init.trunc_normal_(v.attn_pool.attn.in_proj_weight, std=std)
+        nn.init.xavier_uniform_(v.attn_pool.attn.in_proj_weight)  # as nn.MultiheadAttention, the released module
         nn.init.zeros_(v.attn_pool.attn.in_proj_bias)
         for m in self.modules():
             if hasattr(m, "weight") and type(m).__name__ in ("RMSNorm", "LayerNorm"):
