@@ -54,7 +54,7 @@ def _draw_if_grounded(text, image, out_path):
 def cmd_generate(args) -> int:
     import torch
 
-    from .generation import chat, generate
+    from .generation import chat, generate, until_stop
 
     model, tok = _load(args)
     items = [{"image": p} for p in args.image] + [{"text": args.prompt}]
@@ -72,9 +72,7 @@ def cmd_generate(args) -> int:
             pix = pix.to(model.device, model.dtype)
         out = generate(model, ids, pixel_values=pix, eos_token_id=[tok.eod_id, tok.im_end_id],
                        vocab_size=tok.vocab_size, **gen)
-        new = out[0, ids.shape[1]:].tolist()
-        new = [t for t in new[: next((i for i, t in enumerate(new) if t in (tok.eod_id, tok.im_end_id)), len(new))]]
-        response = tok.decode(new)
+        response = tok.decode(until_stop(out[0, ids.shape[1]:].tolist(), (tok.eod_id, tok.im_end_id)))
     print(response)
     _draw_if_grounded(response, args.image[0] if args.image else None, args.draw)
     return 0

@@ -114,6 +114,14 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     return torch.cat([input_ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
 
 
+def until_stop(ids: list[int], stops) -> list[int]:
+    """The generated ids before the first stop id (the stop and the padding after it dropped)."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
 def _chat_inputs(model, tokenizer, query, history, system, image_root):
     from .processing import images_for
 
@@ -150,10 +158,5 @@ def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTE
     kwargs.setdefault("vocab_size", tokenizer.vocab_size)
     out = generate(model, ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    top_p=top_p, eos_token_id=stops, **kwargs)
-    new = [t for t in out[0, ids.shape[1]:].tolist()]
-    for i, t in enumerate(new):
-        if t in stops:
-            new = new[:i]
-            break
-    response = tokenizer.decode(new)
+    response = tokenizer.decode(until_stop(out[0, ids.shape[1]:].tolist(), stops))
     return response, list(history or []) + [(query, response)]
