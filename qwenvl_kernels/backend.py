@@ -14,11 +14,11 @@ import logging
 import torch
 
 from . import reference
-from .utils import UnsupportedInput, interpreting
+from .launch import UnsupportedInput, interpreting, triton_available
 
 log = logging.getLogger("qwenvl_kernels")
 
-# function name -> module of qwenvl_kernels that holds its Triton version
+# function name -> module of qwenvl_kernels.ops that holds its Triton version
 KERNEL_MODULES = {
     "rms_norm": "rms_norm",
     "layer_norm": "layer_norm",
@@ -45,7 +45,7 @@ class Backend:
 
 
 def _triton_function(fn_name: str):
-    module = importlib.import_module(f"qwenvl_kernels.{KERNEL_MODULES[fn_name]}")
+    module = importlib.import_module(f"qwenvl_kernels.ops.{KERNEL_MODULES[fn_name]}")
     return getattr(module, fn_name)
 
 
@@ -80,14 +80,6 @@ def _auto(fn_name: str):
             return ref(*args, **kwargs)
 
     return call
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=None)

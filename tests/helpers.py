@@ -6,14 +6,15 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# CUDA-only tests: tests/conftest.py skips them without CUDA; `pytest -m gpu` selects them
+needs_cuda = pytest.mark.gpu
 
 # (relative RMS, max-abs relative to the reference's max magnitude) per dtype
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 2e-2),
               torch.bfloat16: (2e-2, 5e-2)}
 
-# dtypes the kernels can be checked in here: bf16 needs a GPU (the interpreter's bf16 tl.dot is wrong)
-TEST_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# dtypes the kernels are checked in: bf16 needs a GPU (the interpreter's bf16 tl.dot is wrong): its cases are gpu
+TEST_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda, id="torch.bfloat16")]
 
 
 def assert_close(out, ref, dtype=None, name="output", rel_rms=None, max_abs=None):
@@ -30,11 +31,6 @@ def assert_close(out, ref, dtype=None, name="output", rel_rms=None, max_abs=None
     scale = r.abs().max().clamp_min(1e-30)
     worst = (o - r).abs().max() / scale
     assert worst <= max_abs, f"{name}: max-abs error {worst:.3e} (relative to max |ref|) > {max_abs:.1e}"
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a fresh output with NaN so a kernel that skips an element cannot pass."""
-    return t.fill_(float("nan"))
 
 
 def non_contiguous(t: torch.Tensor, dim: int = -1) -> torch.Tensor:

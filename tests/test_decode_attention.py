@@ -1,12 +1,14 @@
 """decode_attention (flash-decoding) against reference.decode_attention."""
-import importlib
 import pytest
 import torch
 
+import qwenvl_kernels.ops.decode_attention as mod
 from qwenvl_kernels import get_backend, reference
-from qwenvl_kernels.decode_attention import decode_attention
-from qwenvl_kernels.utils import UnsupportedInput
+from qwenvl_kernels.launch import UnsupportedInput
+from qwenvl_kernels.ops.decode_attention import decode_attention
 from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
+
+pytestmark = pytest.mark.triton
 
 
 def _lengths(values, dtype=torch.int32):
@@ -94,8 +96,6 @@ def test_many_query_rows_span_several_tiles():
 
 
 def test_split_choice(monkeypatch):
-    mod = importlib.import_module("qwenvl_kernels.decode_attention")  # the package attribute is the function
-
     monkeypatch.setattr(mod, "num_programs_hint", lambda device: 132)
     dev = torch.device(DEVICE)
     assert mod._choose_num_splits(32, 2560, dev) == 9  # B=1 x 32 KV heads: about two waves

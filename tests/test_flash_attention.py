@@ -1,21 +1,19 @@
-"""Flash attention (qwenvl_kernels.flash_attention) against qwenvl_kernels.reference, forward and backward.
+"""Flash attention (qwenvl_kernels.ops.flash_attention) against qwenvl_kernels.reference, forward and backward.
 
-Every kernel-allocated buffer is filled with NaN first (`_POISON_OUTPUTS`), so a skipped element cannot pass.
+Every kernel-allocated buffer is filled with NaN first (tests/conftest.py), so a skipped element cannot pass.
 The reference runs in float64 on the same (rounded) inputs; errors are judged at the tolerance of the kernel dtype.
 """
 
 import pytest
 import torch
 
-from qwenvl_kernels import reference
-from qwenvl_kernels import flash_attention as fa
-from qwenvl_kernels.utils import UnsupportedInput
+import qwenvl_kernels.ops.flash_attention as fa
+from qwenvl_kernels import launch, reference
+from qwenvl_kernels.launch import UnsupportedInput
+from qwenvl_kernels.ops.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
 
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(fa, "_POISON_OUTPUTS", True)
+pytestmark = pytest.mark.triton
 
 
 def _randn(*shape, dtype=torch.float32, device=DEVICE):
@@ -83,7 +81,7 @@ def test_seqlen_one():
     # one query, one key: out = v, dv = dO, and dq = dk = 0 up to rounding (relative errors are meaningless)
     for dtype in TEST_DTYPES[:2]:
         q, k, v = (_randn(2, 1, 2, 64, dtype=dtype).requires_grad_() for _ in range(3))
-        out = fa.flash_attn_func(q, k, v, causal=True)
+        out = flash_attn_func(q, k, v, causal=True)
         do = _randn(*out.shape, dtype=dtype)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
         assert_close(out, v.detach(), dtype=dtype)
@@ -95,7 +93,7 @@ def test_softmax_scale_and_flash_attn_func():
     q = _randn(2, 33, 2, 80).requires_grad_()
     k = _randn(2, 45, 2, 80).requires_grad_()
     v = _randn(2, 45, 2, 80).requires_grad_()
-    out = fa.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=0.3, causal=True)
+    out = flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=0.3, causal=True)
     do = _randn(*out.shape)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_out, ref_grads = _ref_with_grads(reference.attention, (q, k, v), do, causal=True, softmax_scale=0.3)
@@ -159,9 +157,8 @@ def test_seq_start_fp16_gqa_uneven_blocks(monkeypatch):
 @pytest.mark.parametrize("D", [64, 104])
 def test_cuda_block_shapes(monkeypatch, D):
     # the numbers of the CUDA default configs (first of each autotune list), checked here under the interpreter
-    bucket = 64 if D <= 64 else 128
     for kind in ("fwd", "dq", "dkdv"):
-        cfg = fa._CUDA_CONFIGS[(kind, bucket)][0]
+        cfg = fa.CONFIGS[fa.launch_name(kind, D, torch.float16)][0]
         monkeypatch.setitem(fa.INTERPRETER_BLOCKS, kind, (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]))
     seq_start = torch.tensor([0, 70], device=DEVICE)
     _run_attention(2, 150, 200, 2, 1, D, True, torch.float16, seq_start=seq_start)
@@ -173,7 +170,7 @@ def _run_varlen(lens_q, lens_k, H, Hk, D, causal, dtype):
     q = _randn(sum(lens_q), H, D, dtype=dtype).requires_grad_()
     k = _randn(sum(lens_k), Hk, D, dtype=dtype).requires_grad_()
     v = _randn(sum(lens_k), Hk, D, dtype=dtype).requires_grad_()
-    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
     do = _randn(*out.shape, dtype=dtype)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_out, ref_grads = _ref_with_grads(reference.varlen_attention, (q, k, v), do, cu_seqlens_q=cu_q,
@@ -195,7 +192,7 @@ def test_varlen_strided_slices_of_packed_qkv():
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)
     qkv = _randn(sum(lens), 3, 2, 104).requires_grad_()
     q, k, v = qkv.unbind(1)
-    out = fa.flash_attn_varlen_func(q, k, v, cu, cu, None, None)  # max_seqlen read from cu_seqlens
+    out = flash_attn_varlen_func(q, k, v, cu, cu, None, None)  # max_seqlen read from cu_seqlens
     do = _randn(*out.shape)
     (g,) = torch.autograd.grad(out, (qkv,), do)
     x = qkv.detach().double().requires_grad_()
@@ -221,7 +218,7 @@ def test_errors():
     q = _randn(2, 8, 4, 64)
     k = _randn(2, 8, 2, 64)
     with pytest.raises(UnsupportedInput, match="dropout_p"):
-        fa.flash_attn_func(q, k, k, dropout_p=0.1)
+        flash_attn_func(q, k, k, dropout_p=0.1)
     with pytest.raises(UnsupportedInput, match="head_dim 136"):
         fa.attention(_randn(1, 8, 1, 136), _randn(1, 8, 1, 136), _randn(1, 8, 1, 136))
     with pytest.raises(UnsupportedInput, match="multiple of 8"):
@@ -253,23 +250,23 @@ def test_varlen_errors():
     q = _randn(10, 2, 64)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
     with pytest.raises(UnsupportedInput, match="int32"):
-        fa.flash_attn_varlen_func(q, q, q, cu.long(), cu, 6, 6)
+        flash_attn_varlen_func(q, q, q, cu.long(), cu, 6, 6)
     with pytest.raises(UnsupportedInput, match="non-decreasing"):
         bad = torch.tensor([0, 7, 4, 10], dtype=torch.int32, device=DEVICE)
-        fa.flash_attn_varlen_func(q, q, q, bad, bad, 7, 7)
+        flash_attn_varlen_func(q, q, q, bad, bad, 7, 7)
     with pytest.raises(UnsupportedInput, match="must equal the number of packed tokens"):
-        fa.flash_attn_varlen_func(q, q, q, cu, torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), 6, 6)
+        flash_attn_varlen_func(q, q, q, cu, torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), 6, 6)
     with pytest.raises(UnsupportedInput, match="must start at 0"):
         bad = torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE)
-        fa.flash_attn_varlen_func(q, q, q, bad, cu, 6, 6)
+        flash_attn_varlen_func(q, q, q, bad, cu, 6, 6)
     with pytest.raises(UnsupportedInput, match="max_seqlen"):
-        fa.flash_attn_varlen_func(q, q, q, cu, cu, 5, 6)
+        flash_attn_varlen_func(q, q, q, cu, cu, 5, 6)
     with pytest.raises(UnsupportedInput, match="different numbers of sequences"):
-        fa.flash_attn_varlen_func(q, q, q, cu, torch.tensor([0, 10], dtype=torch.int32, device=DEVICE), 6, 10)
+        flash_attn_varlen_func(q, q, q, cu, torch.tensor([0, 10], dtype=torch.int32, device=DEVICE), 6, 10)
     with pytest.raises(UnsupportedInput, match="3 dims"):
-        fa.flash_attn_varlen_func(q[None], q[None], q[None], cu, cu, 6, 6)
+        flash_attn_varlen_func(q[None], q[None], q[None], cu, cu, 6, 6)
     with pytest.raises(UnsupportedInput, match="dropout_p"):
-        fa.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, dropout_p=0.5)
+        flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, dropout_p=0.5)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA only
@@ -278,7 +275,7 @@ def test_varlen_errors():
 
 @pytest.fixture
 def no_autotune(monkeypatch):
-    monkeypatch.setattr(fa, "AUTOTUNE", False)
+    monkeypatch.setattr(launch, "AUTOTUNE", False)
 
 
 @needs_cuda

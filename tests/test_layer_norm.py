@@ -3,10 +3,12 @@ output (to about half an ulp of its dtype) and the gradients of x, weight and bi
 import pytest
 import torch
 
-from qwenvl_kernels import reference
-from qwenvl_kernels.layer_norm import layer_norm
-from qwenvl_kernels.utils import UnsupportedInput
+from qwenvl_kernels import launch, reference
+from qwenvl_kernels.launch import UnsupportedInput
+from qwenvl_kernels.ops.layer_norm import layer_norm
 from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
+
+pytestmark = pytest.mark.triton
 
 CPU_DTYPES = [torch.float32, torch.float16]
 # the forward against the float64 reference: the kernel rounds once, after the fp32 affine (as F.layer_norm means
@@ -92,15 +94,9 @@ def test_strided_params_and_incoming_gradient_untouched():
     assert torch.equal(gy, gy0), "the backward wrote into the incoming gradient"
 
 
-def test_every_output_written(monkeypatch):
+def test_every_output_written():
     """Every buffer the function allocates starts as NaN: a skipped element (row, lane or partial) shows."""
-    orig_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = orig_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    assert launch.POISON_OUTPUTS, "tests/conftest.py turns the poisoning on"
     x, w, b = _inputs((3, 7, 4096), torch.float32)
     _check(x, w, b, torch.float32)
     x, w, b = _inputs((2, 1250, 7), torch.float16)

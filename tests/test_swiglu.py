@@ -1,21 +1,12 @@
 """swiglu (Triton) against reference.swiglu: forward, gradients of both inputs, layouts, sizes, errors."""
-import importlib
-
 import pytest
 import torch
 
 from qwenvl_kernels import UnsupportedInput, reference
-from qwenvl_kernels.swiglu import swiglu
-from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous, poison_
+from qwenvl_kernels.ops.swiglu import swiglu
+from tests.helpers import CUDA, DEVICE, TEST_DTYPES, assert_close, needs_cuda, non_contiguous
 
-swiglu_module = importlib.import_module("qwenvl_kernels.swiglu")  # the package attribute of that name is the function
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Every output and gradient buffer the kernels allocate starts as NaN."""
-    monkeypatch.setattr(swiglu_module, "_new_output",
-                        lambda *a: poison_(torch.empty(a[0], dtype=a[1], device=a[2])))
+pytestmark = pytest.mark.triton  # outputs are poisoned by tests/conftest.py
 
 
 def check(a, b, strided_grad=False):

@@ -2,17 +2,29 @@
 
 The semantics are those of `reference.apply_rotary`. The rotation of each (x1, x2) pair by theta is orthogonal, so
 the gradient of the input is the incoming gradient rotated by -theta: the backward is the forward kernel with the
-sine negated.
+sine negated. Registered as the custom ops `qwenvl::apply_rotary` and `qwenvl::apply_rotary_backward`.
+
+CONFIGS: one launch, "rotary" (forward and backward, BACKWARD a constexpr): candidates over BLOCK_T (rows of
+B * T per program), BLOCK_H (heads per program) and warps; memory-bound, so nothing else is tuned. The other
+constexprs: D, HALF (rotary dims / 2), HAS_POS, BACKWARD, BLOCK_R = next_power_of_2(HALF), BLOCK_P =
+next_power_of_2(max(D - 2 * HALF, 1)), HAS_PASS = D > 2 * HALF.
 """
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2
+from ..launch import Launcher, UnsupportedInput, check_device, check_tensors, empty, next_power_of_2, tracing
+
+CONFIGS = {
+    "rotary": [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
+               for bt, bh, w in ((1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 4, 2), (1, 4, 4), (1, 8, 4), (1, 16, 4),
+                                 (1, 16, 8), (2, 8, 4), (4, 4, 4), (4, 8, 8))],
+}
 
 
 @triton.jit
@@ -84,35 +96,19 @@ def _rotary_kernel(q_ptr, k_ptr, oq_ptr, ok_ptr, cos_ptr, sin_ptr, pos_ptr,
                      HK, c, s, D, HALF, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
 
 
-_tuned_kernel = None
-
-
-def _cuda_kernel():
-    # built lazily: the autotuner cannot run under the interpreter. Memory-bound, so only the head tile and the
-    # warps are tuned, keyed on the head counts and dims (never on B or T)
-    global _tuned_kernel
-    if _tuned_kernel is None:
-        configs = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
-                   for bt, bh, w in ((1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 4, 2), (1, 4, 4), (1, 8, 4), (1, 16, 4),
-                                     (1, 16, 8), (2, 8, 4), (4, 4, 4), (4, 8, 8))]
-        _tuned_kernel = triton.autotune(configs=configs, key=["H", "HK", "D", "HALF", "HAS_POS", "BACKWARD"])(
-            _rotary_kernel)
-    return _tuned_kernel
-
-
-def _new_output(shape, dtype, device):
-    """Allocation of the outputs (a hook the tests replace to poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+# keyed on the head counts and dims, never on B or T
+_launch_rotary = Launcher(_rotary_kernel, CONFIGS, key=["H", "HK", "D", "HALF", "HAS_POS", "BACKWARD"])
 
 
 def _launch(x, y, cos, sin, pos, backward):
-    """Rotate x [B, T, H, D] and y [B, T, Hk, D] (either may be None) in one launch; new contiguous outputs."""
+    """Rotate x [B, T, H, D] and y [B, T, Hk, D] (either may be None) in one launch; new contiguous outputs (a
+    0-element tensor for a missing side)."""
     ref = x if x is not None else y
     B, T, _, D = ref.shape
     H = x.shape[2] if x is not None else 0
     Hk = y.shape[2] if y is not None else 0
-    ox = _new_output((B, T, H, D), ref.dtype, ref.device) if x is not None else None
-    oy = _new_output((B, T, Hk, D), ref.dtype, ref.device) if y is not None else None
+    ox = empty((B, T, H, D) if x is not None else (0,), ref.dtype, ref.device)
+    oy = empty((B, T, Hk, D) if y is not None else (0,), ref.dtype, ref.device)
     if B * T == 0 or H + Hk == 0:
         return ox, oy
     # a missing side gets zero heads and borrows the other side's pointers: it is never touched
@@ -125,21 +121,65 @@ def _launch(x, y, cos, sin, pos, backward):
         pos_arg, spb, spt = pos, 0, pos.stride(0)
     else:
         pos_arg, spb, spt = pos, (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
-    args = (xx, yy, oxx, oyy, cos, sin, pos_arg, T, H, Hk, cos.shape[0], B * T,
-            *xx.stride(), *yy.stride(), *cos.stride(), *sin.stride(), spb, spt)
-    meta = dict(D=D, HALF=half, HAS_POS=pos is not None, BACKWARD=backward, BLOCK_R=next_power_of_2(half),
-                BLOCK_P=next_power_of_2(max(D - 2 * half, 1)), HAS_PASS=D > 2 * half)
-    if ref.device.type == "cuda" and not interpreting():
-        with torch.cuda.device(ref.device):
-            _cuda_kernel()[lambda m: (triton.cdiv(B * T, m["BLOCK_T"]),
-                                      triton.cdiv(H, m["BLOCK_H"]) + triton.cdiv(Hk, m["BLOCK_H"]))](*args, **meta)
-    else:
-        # few, wide programs: the interpreter pays per program and per operation, not per element
-        bh = min(next_power_of_2(max(H, Hk)), 32)
-        bt = min(next_power_of_2(B * T), 64)
-        grid = (triton.cdiv(B * T, bt), triton.cdiv(H, bh) + triton.cdiv(Hk, bh))
-        _rotary_kernel[grid](*args, BLOCK_T=bt, BLOCK_H=bh, **meta)
+    # few, wide programs under the interpreter: it pays per program and per operation, not per element
+    interp = {"BLOCK_T": min(next_power_of_2(B * T), 64), "BLOCK_H": min(next_power_of_2(max(H, Hk)), 32)}
+    def grid(m):
+        return triton.cdiv(B * T, m["BLOCK_T"]), triton.cdiv(H, m["BLOCK_H"]) + triton.cdiv(Hk, m["BLOCK_H"])
+
+    _launch_rotary(
+        "rotary", grid, xx, yy, oxx, oyy, cos, sin, pos_arg, T, H, Hk, cos.shape[0], B * T,
+        *xx.stride(), *yy.stride(), *cos.stride(), *sin.stride(), spb, spt,
+        interpreter=interp, D=D, HALF=half, HAS_POS=pos is not None, BACKWARD=backward,
+        BLOCK_R=next_power_of_2(half), BLOCK_P=next_power_of_2(max(D - 2 * half, 1)), HAS_PASS=D > 2 * half)
     return ox, oy
+
+
+@torch.library.custom_op("qwenvl::apply_rotary", mutates_args=())
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, cos, sin, position_ids, backward=False)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, position_ids):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("qwenvl::apply_rotary_backward", mutates_args=())
+def _rotary_backward_op(gq: Optional[torch.Tensor], gk: Optional[torch.Tensor], cos: torch.Tensor,
+                        sin: torch.Tensor, position_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients rotated by -theta (a 0-element tensor for a missing one). They are read through their strides
+    (expanded or sliced ones included) and never written."""
+    return _launch(gq, gk, cos, sin, position_ids, backward=True)
+
+
+@_rotary_backward_op.register_fake
+def _(gq, gk, cos, sin, position_ids):
+    return tuple(g.new_empty(g.shape) if g is not None else cos.new_empty(0) for g in (gq, gk))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, position_ids = inputs
+    # as in the reference, an output whose input needs no gradient does not require one either
+    for out, x in zip(output, (q, k)):
+        if not x.requires_grad:
+            ctx.mark_non_differentiable(out)
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.dtypes = q.dtype, k.dtype
+
+
+def _backward(ctx, gq, gk):
+    cos, sin, position_ids = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[:2]
+    gq = gq.to(ctx.dtypes[0]) if (gq is not None and need_q) else None
+    gk = gk.to(ctx.dtypes[1]) if (gk is not None and need_k) else None
+    if gq is None and gk is None:
+        return None, None, None, None, None
+    dq, dk = torch.ops.qwenvl.apply_rotary_backward(gq, gk, cos, sin, position_ids)
+    return (dq if gq is not None else None), (dk if gk is not None else None), None, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # The last position_ids tensor whose range was checked on the host: the model passes one tensor to every layer,
@@ -149,8 +189,8 @@ _checked = {"ref": None, "version": None, "size": None}
 
 
 def _check_positions(pos, S):
-    if pos.numel() == 0:
-        return
+    if pos.numel() == 0 or tracing(pos):
+        return  # a traced tensor has no values to read; the kernel turns out-of-table rows into NaN instead
     tracked = not pos.is_inference()  # inference tensors keep no version counter: check them every time
     if tracked and _checked["ref"] is not None and _checked["ref"]() is pos and _checked["version"] == pos._version \
             and _checked["size"] == S:
@@ -204,6 +244,7 @@ def _validate(q, k, cos, sin, position_ids):
             raise UnsupportedInput(
                 f"apply_rotary: seqlen {T} is longer than the cos/sin tables ({S} positions); build longer tables"
             )
+        check_device("apply_rotary", q)
         return
     if not isinstance(position_ids, torch.Tensor):
         raise UnsupportedInput(f"apply_rotary: position_ids must be a tensor, got {type(position_ids).__name__}")
@@ -218,32 +259,8 @@ def _validate(q, k, cos, sin, position_ids):
         raise UnsupportedInput(
             f"apply_rotary: position_ids must be [seqlen] = ({T},) or [batch, seqlen] = ({B}, {T}), got {shape}"
         )
+    check_device("apply_rotary", q)
     _check_positions(position_ids, S)
-
-
-class _ApplyRotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids):
-        _validate(q, k, cos, sin, position_ids)
-        oq, ok = _launch(q, k, cos, sin, position_ids, backward=False)
-        # as in the reference, an output whose input needs no gradient does not require one either
-        for out, needed in ((oq, ctx.needs_input_grad[0]), (ok, ctx.needs_input_grad[1])):
-            if not needed:
-                ctx.mark_non_differentiable(out)
-        ctx.save_for_backward(cos, sin, position_ids)
-        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
-        return oq, ok
-
-    @staticmethod
-    def backward(ctx, gq, gk):
-        cos, sin, position_ids = ctx.saved_tensors
-        gq = gq.to(ctx.q_dtype) if (gq is not None and ctx.needs_input_grad[0]) else None
-        gk = gk.to(ctx.k_dtype) if (gk is not None and ctx.needs_input_grad[1]) else None
-        if gq is None and gk is None:
-            return None, None, None, None, None
-        # gradients are read through their strides (expanded or sliced ones included) and never written
-        dq, dk = _launch(gq, gk, cos, sin, position_ids, backward=True)
-        return dq, dk, None, None, None
 
 
 def apply_rotary(q, k, cos, sin, position_ids=None):
@@ -257,6 +274,8 @@ def apply_rotary(q, k, cos, sin, position_ids=None):
     `(q_rot, k_rot)` of the input shapes and dtype.
 
     Raises `UnsupportedInput` for inputs it cannot serve, a position outside the tables included (checked on the
-    host: one device sync per new position_ids tensor; skipped under CUDA graph capture, where such rows give NaN).
+    host: one device sync per new position_ids tensor; skipped under CUDA graph capture and torch.compile tracing,
+    where such rows give NaN).
     """
-    return _ApplyRotary.apply(q, k, cos, sin, position_ids)
+    _validate(q, k, cos, sin, position_ids)
+    return torch.ops.qwenvl.apply_rotary(q, k, cos, sin, position_ids)

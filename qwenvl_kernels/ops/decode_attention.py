@@ -15,18 +15,25 @@ phase 1 normalizes and writes the output itself.
 Lengths stay on the device: the kernels read cache_seqlens / cache_starts themselves, so a call never syncs with
 the host. The number of splits is therefore chosen from the cache capacity S, an upper bound of the key length;
 splits that get no key block exit after writing an empty partial.
+
+Registered as the custom op `qwenvl::decode_attention` (with its fake implementation; no autograd: inference only).
+
+CONFIGS: "partial" (phase 1: candidates over num_warps and num_stages, keyed on the structural constexprs) and
+"combine" (phase 2, fixed). `launch_constexprs(tq, group, head_dim, dtype)` gives phase 1's constexprs but
+HAS_STARTS and SPLIT (whether cache_starts is given, whether the key length is split); phase 2's are HEAD_DIM,
+BLOCK_D and BLOCK_S = next_power_of_2(num_splits).
 """
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2, num_programs_hint
+from ..launch import (LOG2E, Launcher, UnsupportedInput, block_d, check_device, check_head_dim, check_index,
+                      check_tensors, dot_precision, empty, next_power_of_2, num_programs_hint, softmax_scale_of)
 
-MAX_HEAD_DIM = 128
 MAX_NEW_TOKENS = 16
 # a tl.dot tile needs at least 16 rows; below that the rows would be mostly padding
 _DOT_MIN_ROWS = 16
@@ -35,7 +42,26 @@ _MAX_BLOCK_M = 64
 # keys per split below which splitting the key length costs more (scratch traffic, phase 2) than it gains
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-_LOG2E = 1.4426950408889634
+
+CONFIGS = {
+    "partial": [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)],
+    "combine": [triton.Config({}, num_warps=4)],
+}
+
+
+def launch_constexprs(tq: int, group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Phase 1's constexprs for tq new tokens, `group` query heads per KV head (all but HAS_STARTS and SPLIT)."""
+    rows = group * tq
+    use_dot = rows >= _DOT_MIN_ROWS
+    bd = block_d(head_dim)
+    if use_dot:
+        bm, bn = min(next_power_of_2(rows), _MAX_BLOCK_M), 64
+    else:
+        bm = next_power_of_2(rows)
+        # the elementwise path materializes a [BLOCK_M, BLOCK_N, BLOCK_D] product: bound its size
+        bn = max(16, min(64, 8192 // (bm * bd)))
+    return dict(TQ=tq, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, USE_DOT=use_dot,
+                DOT_PRECISION=dot_precision(dtype))
 
 
 @triton.jit
@@ -167,21 +193,9 @@ def _decode_combine_kernel(
     tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=d_ok)
 
 
-_tuned_partial = None
-
-
-def _partial_launcher():
-    """The phase-1 kernel as launched: a fixed config under the interpreter, autotuned (launch parameters only,
-    keyed on structural sizes, never on lengths) on CUDA. Built on first use: autotune needs a live driver."""
-    global _tuned_partial
-    if interpreting():
-        return _decode_partial_kernel, {"num_warps": 4}
-    if _tuned_partial is None:
-        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
-        _tuned_partial = triton.autotune(
-            configs=configs, key=["HEAD_DIM", "GROUP", "TQ", "BLOCK_M", "BLOCK_N", "USE_DOT", "SPLIT"],
-        )(_decode_partial_kernel)
-    return _tuned_partial, {}
+_launch_partial = Launcher(_decode_partial_kernel, CONFIGS,
+                           key=["HEAD_DIM", "GROUP", "TQ", "BLOCK_M", "BLOCK_N", "USE_DOT", "SPLIT"])
+_launch_combine = Launcher(_decode_combine_kernel, CONFIGS, key=[])
 
 
 def _choose_num_splits(programs: int, capacity: int, device: torch.device) -> int:
@@ -195,17 +209,77 @@ def _choose_num_splits(programs: int, capacity: int, device: torch.device) -> in
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-def _check_lengths(name: str, t, B: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise UnsupportedInput(f"decode_attention: {name} must be an int32 or int64 tensor of shape [B], "
-                               f"got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise UnsupportedInput(f"decode_attention: {name} has dtype {t.dtype}; pass an int32 or int64 tensor")
-    if t.dim() != 1 or t.shape[0] != B:
-        raise UnsupportedInput(f"decode_attention: {name} has shape {tuple(t.shape)}; expected [{B}] "
-                               f"(one per batch row)")
-    if t.device != device:
-        raise UnsupportedInput(f"decode_attention: {name} is on {t.device} but q is on {device}; move it to {device}")
+@torch.library.custom_op("qwenvl::decode_attention", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               cache_starts: Optional[torch.Tensor], softmax_scale: float, num_splits: int) -> torch.Tensor:
+    """num_splits 0: chosen from the grid and the cache capacity."""
+    B, Tq, H, D = q.shape
+    S, Hk = k_cache.shape[1], k_cache.shape[2]
+    out = empty((B, Tq, H, D), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    group = H // Hk
+    consts = launch_constexprs(Tq, group, D, q.dtype)
+    n_mblocks = triton.cdiv(group * Tq, consts["BLOCK_M"])
+    programs = B * Hk * n_mblocks
+    splits = num_splits or _choose_num_splits(programs, S, q.device)
+    split = splits > 1
+
+    if split:
+        mid_m = empty((B, Tq, H, splits), torch.float32, q.device)
+        mid_l = empty((B, Tq, H, splits), torch.float32, q.device)
+        mid_acc = empty((B, Tq, H, splits, D), torch.float32, q.device)
+    else:
+        mid_m = mid_l = mid_acc = out  # unused: SPLIT is off
+    starts = cache_starts if cache_starts is not None else cache_seqlens  # unused when HAS_STARTS is off
+
+    _launch_partial(
+        "partial", (programs, splits), q, k_cache, v_cache, out, mid_acc, mid_m, mid_l, cache_seqlens, starts,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        cache_seqlens.stride(0), starts.stride(0),
+        S, Hk, n_mblocks, splits, softmax_scale * LOG2E,
+        **consts, HAS_STARTS=cache_starts is not None, SPLIT=split,
+    )
+    if split:
+        _launch_combine("combine", (B * Tq * H,), out, mid_acc, mid_m, mid_l, *out.stride(), Tq, H, splits,
+                        HEAD_DIM=D, BLOCK_S=next_power_of_2(splits), BLOCK_D=consts["BLOCK_D"])
+    return out
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cache_starts, softmax_scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+def check_decode(name, q, k_cache, v_cache, cache_seqlens, cache_starts) -> None:
+    """What the decode kernel serves (shared with flash_attn_with_kvcache)."""
+    for what, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UnsupportedInput(f"{name}: {what} must be a 4-d tensor "
+                                   f"({'[B, Tq, H, D]' if what == 'q' else '[B, S, Hk, D]'}), got {shape}")
+    check_tensors(name, q, k_cache, v_cache)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise UnsupportedInput(f"{name} is inference-only (no backward); call it under torch.no_grad() "
+                               "or torch.inference_mode(), or use the torch reference for gradients")
+    B, Tq, H, D = q.shape
+    Bk, S, Hk, Dk = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise UnsupportedInput(f"{name}: v_cache shape {tuple(v_cache.shape)} differs from k_cache "
+                               f"shape {tuple(k_cache.shape)}; they must match")
+    if Bk != B or Dk != D:
+        raise UnsupportedInput(f"{name}: k_cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}: "
+                               f"batch and head_dim must match ([B, S, Hk, D] against [B, Tq, H, D])")
+    if Hk == 0 or H % Hk != 0:
+        raise UnsupportedInput(f"{name}: {H} query heads are not a multiple of {Hk} KV heads")
+    check_head_dim(name, D)
+    if Tq > MAX_NEW_TOKENS:
+        raise UnsupportedInput(f"{name}: {Tq} new tokens per call is more than {MAX_NEW_TOKENS}; "
+                               f"use the prefill attention (flash_attn_func) for longer chunks")
+    check_index(name, "cache_seqlens", cache_seqlens, (B,), q.device, hint=" (one per batch row)")
+    if cache_starts is not None:
+        check_index(name, "cache_starts", cache_starts, (B,), q.device, hint=" (one per batch row)")
+    check_device(name, q)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_starts=None, softmax_scale=None, *, num_splits=None):
@@ -225,79 +299,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, cache_starts=None, soft
     Causal among the new tokens: token t sees keys j <= cache_seqlens[b] - Tq + t. A query that sees no key
     gets zeros. Returns `[B, Tq, H, D]` in q's dtype. Never syncs with the host.
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise UnsupportedInput(f"decode_attention: {name} must be a 4-d tensor "
-                                   f"({'[B, Tq, H, D]' if name == 'q' else '[B, S, Hk, D]'}), got {shape}")
-    check_tensors("decode_attention", q, k_cache, v_cache)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        raise UnsupportedInput("decode_attention is inference-only (no backward); call it under torch.no_grad() "
-                               "or torch.inference_mode(), or use the torch reference for gradients")
-    B, Tq, H, D = q.shape
-    Bk, S, Hk, Dk = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise UnsupportedInput(f"decode_attention: v_cache shape {tuple(v_cache.shape)} differs from k_cache "
-                               f"shape {tuple(k_cache.shape)}; they must match")
-    if Bk != B or Dk != D:
-        raise UnsupportedInput(f"decode_attention: k_cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}: "
-                               f"batch and head_dim must match ([B, S, Hk, D] against [B, Tq, H, D])")
-    if Hk == 0 or H % Hk != 0:
-        raise UnsupportedInput(f"decode_attention: {H} query heads are not a multiple of {Hk} KV heads")
-    if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
-        raise UnsupportedInput(f"decode_attention: head_dim {D} is not supported; it must be a multiple of 8 "
-                               f"in [8, {MAX_HEAD_DIM}]")
-    if Tq > MAX_NEW_TOKENS:
-        raise UnsupportedInput(f"decode_attention: {Tq} new tokens per call is more than {MAX_NEW_TOKENS}; "
-                               f"use the prefill attention (flash_attn_func) for longer chunks")
-    _check_lengths("cache_seqlens", cache_seqlens, B, q.device)
-    if cache_starts is not None:
-        _check_lengths("cache_starts", cache_starts, B, q.device)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise UnsupportedInput(f"decode_attention: num_splits must be a positive int, got {num_splits!r}")
-
-    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-
-    group = H // Hk
-    rows = group * Tq
-    use_dot = rows >= _DOT_MIN_ROWS
-    BLOCK_D = max(16, next_power_of_2(D))
-    if use_dot:
-        BLOCK_M = min(next_power_of_2(rows), _MAX_BLOCK_M)
-        BLOCK_N = 64
-    else:
-        BLOCK_M = next_power_of_2(rows)
-        # the elementwise path materializes a [BLOCK_M, BLOCK_N, BLOCK_D] product: bound its size
-        BLOCK_N = max(16, min(64, 8192 // (BLOCK_M * BLOCK_D)))
-    n_mblocks = triton.cdiv(rows, BLOCK_M)
-    programs = B * Hk * n_mblocks
-    splits = num_splits if num_splits is not None else _choose_num_splits(programs, S, q.device)
-    split = splits > 1
-
-    if split:
-        mid_m = torch.empty((B, Tq, H, splits), dtype=torch.float32, device=q.device)
-        mid_l = torch.empty_like(mid_m)
-        mid_acc = torch.empty((B, Tq, H, splits, D), dtype=torch.float32, device=q.device)
-    else:
-        mid_m = mid_l = mid_acc = out  # unused: SPLIT is off
-    starts = cache_starts if cache_starts is not None else cache_seqlens  # unused when HAS_STARTS is off
-
-    kernel, launch = _partial_launcher()
-    kernel[(programs, splits)](
-        q, k_cache, v_cache, out, mid_acc, mid_m, mid_l, cache_seqlens, starts,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        cache_seqlens.stride(0), starts.stride(0),
-        S, Hk, n_mblocks, splits, scale * _LOG2E,
-        TQ=Tq, GROUP=group, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        USE_DOT=use_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_STARTS=cache_starts is not None, SPLIT=split, **launch,
-    )
-    if split:
-        _decode_combine_kernel[(B * Tq * H,)](
-            out, mid_acc, mid_m, mid_l, *out.stride(), Tq, H, splits,
-            HEAD_DIM=D, BLOCK_S=next_power_of_2(splits), BLOCK_D=BLOCK_D, num_warps=4,
-        )
-    return out
+    name = "decode_attention"
+    check_decode(name, q, k_cache, v_cache, cache_seqlens, cache_starts)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise UnsupportedInput(f"{name}: num_splits must be a positive int, got {num_splits!r}")
+    scale = softmax_scale_of(name, softmax_scale, q.shape[-1])
+    return torch.ops.qwenvl.decode_attention(q, k_cache, v_cache, cache_seqlens, cache_starts, scale,
+                                             num_splits or 0)

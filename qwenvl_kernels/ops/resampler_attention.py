@@ -51,22 +51,46 @@ Head dims up to 128 (any value: the block is padded to a power of two, at least 
 fp16, bf16 (CUDA only: the interpreter's bf16 dot is wrong) and fp32 (dot products in IEEE fp32, not TF32, so
 fp32 matches the reference closely). Under autocast the op runs in its inputs' dtype (autocast is switched off
 inside forward and backward, whose kernels need one dtype throughout); backward is once-differentiable.
+
+Registered as the custom ops `qwenvl::resampler_attention` (the output and what the backward needs) and
+`qwenvl::resampler_attention_backward`.
+
+CONFIGS: "fwd", "dkv", "dq" (candidates over BLOCK_M, BLOCK_N in the kwargs, warps and stages, keyed on the head
+size and DOT_PREC) and "delta" (fixed). The other constexprs (`launch_constexprs(head_dim, dtype)`): HEAD_DIM,
+BLOCK_D, DOT_PREC; "delta" takes HEAD_DIM and BLOCK_D.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
 
-from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2, num_programs_hint
+from ..launch import (LOG2E, MAX_HEAD_DIM, Launcher, UnsupportedInput, block_d, check_device, check_tensors,
+                      dot_precision, empty, interpreting, num_programs_hint, unit_last_stride)
 
-_LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 128
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in pairs for w in (4, 8) for s in (2, 3)]
+
+
+CONFIGS = {
+    "fwd": _configs([(64, 64), (128, 64), (128, 32), (64, 32)]),
+    "dkv": _configs([(64, 64), (32, 64), (64, 128), (32, 128)]),
+    "dq": _configs([(64, 64), (64, 32), (128, 64), (32, 64)]),
+    "delta": [triton.Config({"BLOCK_M": 32}, num_warps=4)],
+}
+# small blocks under the interpreter so that the tests' short sequences still cross block edges
+_INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 16}
+# the block the dQ batch split is sized with on CUDA (the autotuned BLOCK_M is chosen later, at launch)
+_NOMINAL_BLOCK_M = 64
+
+
+def launch_constexprs(head_dim: int, dtype: torch.dtype) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT_PREC=dot_precision(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,44 +272,13 @@ def _bwd_dq_kernel(Q, KX, V, PK, DO, LSE, DELTA, DQ,
     tl.store(DQ + pid_s.to(tl.int64) * stride_dqs + rows_m[:, None] * stride_dqm + col[None, :], dq, mask=q_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# launch configurations: fixed under the interpreter, autotuned over launch parameters on CUDA, keyed on the
-# head size and dtype (the autotuner adds argument dtypes to the key), never on sequence lengths or batch
-# ----------------------------------------------------------------------------------------------------------------
-
-# small blocks under the interpreter so that the tests' short sequences still cross block edges
-_INTERP_BLOCK_M = 16
-_INTERP_BLOCK_N = 16
-_DELTA_BLOCK_M = 32
-# the block the dQ batch split is sized with on CUDA (the autotuned BLOCK_M is chosen later, at launch)
-_NOMINAL_BLOCK_M = 64
-
-
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in pairs for w in (4, 8) for s in (2, 3)]
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(which: str):
-    if which == "fwd":
-        return triton.autotune(_configs([(64, 64), (128, 64), (128, 32), (64, 32)]),
-                               key=["HEAD_DIM", "BLOCK_D", "DOT_PREC"])(_fwd_kernel)
-    if which == "dkv":
-        return triton.autotune(_configs([(64, 64), (32, 64), (64, 128), (32, 128)]),
-                               key=["HEAD_DIM", "BLOCK_D", "DOT_PREC"])(_bwd_dkv_kernel)
-    if which == "dq":
-        return triton.autotune(_configs([(64, 64), (64, 32), (128, 64), (32, 64)]),
-                               key=["HEAD_DIM", "BLOCK_D", "DOT_PREC"])(_bwd_dq_kernel)
-    raise KeyError(which)
-
-
-def _launch(which, kernel, grid_fn, *args, **constexprs):
-    if interpreting():
-        meta = {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N}
-        kernel[grid_fn(meta)](*args, **constexprs, **meta, num_warps=4)
-    else:
-        _tuned(which)[grid_fn](*args, **constexprs)
+# launch configurations: fixed under the interpreter, autotuned over launch parameters on CUDA, keyed on the head
+# size and dtype (the autotuner adds argument dtypes to the key), never on sequence lengths or batch
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_D", "DOT_PREC"]
+_launch_fwd = Launcher(_fwd_kernel, CONFIGS, key=_TUNE_KEY)
+_launch_dkv = Launcher(_bwd_dkv_kernel, CONFIGS, key=_TUNE_KEY)
+_launch_dq = Launcher(_bwd_dq_kernel, CONFIGS, key=_TUNE_KEY)
+_launch_delta = Launcher(_delta_kernel, CONFIGS, key=[])
 
 
 def _dq_split(B: int, n_prog: int, device: torch.device) -> int:
@@ -296,9 +289,163 @@ def _dq_split(B: int, n_prog: int, device: torch.device) -> int:
     return triton.cdiv(B, per)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("qwenvl::resampler_attention", mutates_args=())
+def _resampler_op(query: torch.Tensor, pos_q: torch.Tensor, kv: torch.Tensor, pos_k: torch.Tensor,
+                  in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor,
+                  out_proj_bias: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, Q, K_x | V, P_k, O, lse): the output and what the backward reuses."""
+    # autocast would hand the kernels projections in another dtype than the gradients of backward: the op runs in
+    # its inputs' dtype (cast them to run it in bf16)
+    with torch.autocast(kv.device.type, enabled=False):
+        B, Nk, E = kv.shape
+        Nq = query.shape[0]
+        H = num_heads
+        D = E // H
+        w_q, w_k, w_kv = in_proj_weight[:E], in_proj_weight[E:2 * E], in_proj_weight[E:]
+
+        q = unit_last_stride(F.linear(query + pos_q, w_q, in_proj_bias[:E]))    # [Nq, E], once for the batch
+        kxv = unit_last_stride(F.linear(kv, w_kv, in_proj_bias[E:]))            # [B, Nk, 2E] = K_x | V
+        p_k = unit_last_stride(F.linear(pos_k, w_k))                            # [Nk, E], once per grid
+        k_x, v = kxv[..., :E], kxv[..., E:]
+
+        o = empty((B, Nq, E), kv.dtype, kv.device)
+        lse = empty((B, H, Nq), torch.float32, kv.device)
+        _launch_fwd("fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
+                    q, k_x, v, p_k, o, lse,
+                    q.stride(0), kxv.stride(0), kxv.stride(1), p_k.stride(0), o.stride(0), o.stride(1),
+                    H, Nq, Nk, LOG2E / math.sqrt(D), interpreter=_INTERPRETER, **launch_constexprs(D, kv.dtype))
+        out = F.linear(o, out_proj_weight, out_proj_bias)
+    return out, q, kxv, p_k, o, lse
+
+
+@_resampler_op.register_fake
+def _(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads):
+    B, Nk, E = kv.shape
+    Nq = query.shape[0]
+    return (kv.new_empty(B, Nq, E), kv.new_empty(Nq, E), kv.new_empty(B, Nk, 2 * E), kv.new_empty(Nk, E),
+            kv.new_empty(B, Nq, E), kv.new_empty(B, num_heads, Nq, dtype=torch.float32))
+
+
+@torch.library.custom_op("qwenvl::resampler_attention_backward", mutates_args=())
+def _resampler_backward_op(grad_out: torch.Tensor, query: torch.Tensor, pos_q: torch.Tensor, kv: torch.Tensor,
+                           pos_k: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, q: torch.Tensor,
+                           kxv: torch.Tensor, p_k: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                           need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of (query and pos_q: one tensor, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight,
+    out_proj_bias); `need` flags the 8 tensor inputs of the forward; a 0-element tensor for what is not needed."""
+    with torch.autocast(grad_out.device.type, enabled=False):
+        grads = _backward_chain(grad_out, query, pos_q, kv, pos_k, w_in, w_out, q, kxv, p_k, o, lse, num_heads,
+                                need)
+    none = kv.new_empty(0)
+    d_query = grads[0] if grads[0] is not None else grads[1]
+    return tuple(g if g is not None else none.clone() for g in (d_query, *grads[2:8]))
+
+
+@_resampler_backward_op.register_fake
+def _(grad_out, query, pos_q, kv, pos_k, w_in, w_out, q, kxv, p_k, o, lse, num_heads, need):
+    shapes = (query, kv, pos_k, w_in, w_in[:, 0], w_out, w_out[:, 0])
+    flags = (need[0] or need[1], *need[2:8])
+    return tuple(kv.new_empty(t.shape if f else (0,)) for t, f in zip(shapes, flags))
+
+
+def _setup_context(ctx, inputs, output):
+    query, pos_q, kv, pos_k, in_proj_weight, _, out_proj_weight, _, num_heads = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the intermediates
+    ctx.save_for_backward(query, pos_q, kv, pos_k, in_proj_weight, out_proj_weight, *output[1:])
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, grad_out, *_):
+    need = list(ctx.needs_input_grad[:8])
+    if grad_out is None or not any(need):
+        return (None,) * 9
+    grads = torch.ops.qwenvl.resampler_attention_backward(grad_out, *ctx.saved_tensors, ctx.num_heads, need)
+    d_query = grads[0]
+    return ((d_query if need[0] else None, d_query if need[1] else None)
+            + tuple(g if n else None for g, n in zip(grads[1:], need[2:])) + (None,))
+
+
+_resampler_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_chain(grad_out, query, pos_q, kv, pos_k, w_in, w_out, q, kxv, p_k, o, lse, num_heads, need):
+    """The chain rule of the module doc: [d query, d pos_q, d kv, d pos_k, d in_proj_weight, d in_proj_bias,
+    d out_proj_weight, d out_proj_bias], None where `need` is off."""
+    B, Nk, E = kv.shape
+    Nq = query.shape[0]
+    H = num_heads
+    D = E // H
+    sm_scale = 1.0 / math.sqrt(D)
+    consts = launch_constexprs(D, kv.dtype)
+    need_dq = need[0] or need[1] or need[4] or need[5]
+    need_dkv = need[2] or need[3] or need[4] or need[5]
+
+    grads = [None] * 9
+    if need[6]:
+        grads[6] = grad_out.reshape(B * Nq, E).t() @ o.reshape(B * Nq, E)
+    if need[7]:
+        grads[7] = grad_out.sum((0, 1))
+    if not (need_dq or need_dkv):
+        return tuple(grads)
+
+    # matmul never writes into grad_out and accepts any strides
+    d_o = unit_last_stride(torch.matmul(grad_out, w_out))                   # [B, Nq, E]
+    delta = empty((B, H, Nq), torch.float32, kv.device)
+    _launch_delta("delta", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
+                  o, d_o, delta, o.stride(0), o.stride(1), d_o.stride(0), d_o.stride(1), H, Nq,
+                  HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"])
+
+    k_x, v = kxv[..., :E], kxv[..., E:]
+    qk_scale = sm_scale * LOG2E
+    common = (q.stride(0), kxv.stride(0), kxv.stride(1), p_k.stride(0), d_o.stride(0), d_o.stride(1))
+
+    w_q, w_k, w_kv = w_in[:E], w_in[E:2 * E], w_in[E:]
+    grad_w_in = empty(w_in.shape, w_in.dtype, w_in.device) if need[4] else None
+
+    if need_dq:
+        n_blocks = triton.cdiv(Nq, _INTERPRETER["BLOCK_M"] if interpreting() else _NOMINAL_BLOCK_M)
+        split = _dq_split(B, n_blocks * H, kv.device)
+        dq_part = empty((split, Nq, E), torch.float32, kv.device)
+        _launch_dq("dq", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), H, split),
+                   q, k_x, v, p_k, d_o, lse, delta, dq_part,
+                   *common, dq_part.stride(0), dq_part.stride(1),
+                   B, H, Nq, Nk, split, qk_scale, sm_scale, interpreter=_INTERPRETER, **consts)
+        dq = (dq_part[0] if split == 1 else dq_part.sum(0)).to(q.dtype)    # [Nq, E]
+        if need[0] or need[1]:
+            d_query = dq @ w_q
+            grads[0] = d_query if need[0] else None
+            grads[1] = d_query if need[1] else None
+        if need[4]:
+            torch.matmul(dq.t(), query + pos_q, out=grad_w_in[:E])
+        if need[5]:
+            d_bq = dq.sum(0)
+
+    if need_dkv:
+        dkxv = empty((B, Nk, 2 * E), kv.dtype, kv.device)                   # [dK | dV], the K_x | V layout
+        _launch_dkv("dkv", lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H),
+                    q, k_x, v, p_k, d_o, lse, delta, dkxv[..., :E], dkxv[..., E:],
+                    *common, dkxv.stride(0), dkxv.stride(1),
+                    H, Nq, Nk, qk_scale, sm_scale, interpreter=_INTERPRETER, **consts)
+        d_pk = dkxv[..., :E].sum(0) if (need[3] or need[4]) else None      # [Nk, E]: P_k is in every K_b
+        if need[2]:
+            grads[2] = torch.matmul(dkxv, w_kv)                              # [B, Nk, E]
+        if need[3]:
+            grads[3] = d_pk @ w_k
+        if need[4]:
+            torch.matmul(dkxv.reshape(B * Nk, 2 * E).t(), kv.reshape(B * Nk, E), out=grad_w_in[E:])
+            grad_w_in[E:2 * E].addmm_(d_pk.t(), pos_k)
+        if need[5]:
+            d_bkv = dkxv.sum((0, 1))
+
+    if need[4]:
+        grads[4] = grad_w_in
+    if need[5]:
+        grads[5] = torch.cat((d_bq, d_bkv))
+    return tuple(grads)
+
 
 def _validate(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads):
     name = "resampler_attention"
@@ -329,145 +476,11 @@ def _validate(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_we
     if E % num_heads:
         raise UnsupportedInput(f"{name}: E = {E} is not divisible by num_heads = {num_heads}")
     head_dim = E // num_heads
-    if head_dim > _MAX_HEAD_DIM:
+    if head_dim > MAX_HEAD_DIM:
         raise UnsupportedInput(
             f"{name}: head_dim {head_dim} (E {E} / {num_heads} heads) is above the kernel's limit of "
-            f"{_MAX_HEAD_DIM}; use more heads or kernels='torch'")
-
-
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index the last dim with stride 1; the other strides are passed in."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# autograd
-# ----------------------------------------------------------------------------------------------------------------
-
-class _ResamplerAttention(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                num_heads):
-        _validate(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
-        # autocast would hand the kernels projections in another dtype than the gradients of backward: the op
-        # runs in its inputs' dtype (cast them to run it in bf16)
-        with torch.autocast(kv.device.type, enabled=False):
-            return _ResamplerAttention._forward(ctx, query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias,
-                                                out_proj_weight, out_proj_bias, num_heads)
-
-    @staticmethod
-    def _forward(ctx, query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                 num_heads):
-        B, Nk, E = kv.shape
-        Nq = query.shape[0]
-        H = num_heads
-        D = E // H
-        w_q, w_k, w_kv = in_proj_weight[:E], in_proj_weight[E:2 * E], in_proj_weight[E:]
-
-        q = _row_major(F.linear(query + pos_q, w_q, in_proj_bias[:E]))          # [Nq, E], once for the batch
-        kxv = _row_major(F.linear(kv, w_kv, in_proj_bias[E:]))                  # [B, Nk, 2E] = K_x | V
-        p_k = _row_major(F.linear(pos_k, w_k))                                  # [Nk, E], once per grid
-        k_x, v = kxv[..., :E], kxv[..., E:]
-
-        o = torch.empty(B, Nq, E, dtype=kv.dtype, device=kv.device)
-        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=kv.device)
-        sm_scale = 1.0 / math.sqrt(D)
-        consts = dict(HEAD_DIM=D, BLOCK_D=max(16, next_power_of_2(D)),
-                      DOT_PREC="ieee" if kv.dtype == torch.float32 else "tf32")
-        _launch("fwd", _fwd_kernel, lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
-                q, k_x, v, p_k, o, lse,
-                q.stride(0), kxv.stride(0), kxv.stride(1), p_k.stride(0), o.stride(0), o.stride(1),
-                H, Nq, Nk, sm_scale * _LOG2E, **consts)
-        out = F.linear(o, out_proj_weight, out_proj_bias)
-
-        ctx.save_for_backward(query, pos_q, kv, pos_k, in_proj_weight, out_proj_weight, q, kxv, p_k, o, lse)
-        ctx.num_heads = H
-        ctx.consts = consts
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _ResamplerAttention._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        query, pos_q, kv, pos_k, w_in, w_out, q, kxv, p_k, o, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        B, Nk, E = kv.shape
-        Nq = query.shape[0]
-        H = ctx.num_heads
-        D = E // H
-        sm_scale = 1.0 / math.sqrt(D)
-        consts = ctx.consts
-        need_dq = need[0] or need[1] or need[4] or need[5]
-        need_dkv = need[2] or need[3] or need[4] or need[5]
-
-        grads = [None] * 9
-        if need[6]:
-            grads[6] = grad_out.reshape(B * Nq, E).t() @ o.reshape(B * Nq, E)
-        if need[7]:
-            grads[7] = grad_out.sum((0, 1))
-        if not (need_dq or need_dkv):
-            return tuple(grads)
-
-        # matmul never writes into grad_out and accepts any strides
-        d_o = _row_major(torch.matmul(grad_out, w_out))                         # [B, Nq, E]
-        delta = torch.empty(B, H, Nq, dtype=torch.float32, device=kv.device)
-        block_d = consts["BLOCK_D"]
-        _delta_kernel[(triton.cdiv(Nq, _DELTA_BLOCK_M), B * H)](
-            o, d_o, delta, o.stride(0), o.stride(1), d_o.stride(0), d_o.stride(1), H, Nq,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
-
-        k_x, v = kxv[..., :E], kxv[..., E:]
-        qk_scale = sm_scale * _LOG2E
-        common = (q.stride(0), kxv.stride(0), kxv.stride(1), p_k.stride(0), d_o.stride(0), d_o.stride(1))
-
-        w_q, w_k, w_kv = w_in[:E], w_in[E:2 * E], w_in[E:]
-        grad_w_in = torch.empty_like(w_in) if need[4] else None
-
-        if need_dq:
-            n_blocks = triton.cdiv(Nq, _INTERP_BLOCK_M if interpreting() else _NOMINAL_BLOCK_M)
-            split = _dq_split(B, n_blocks * H, kv.device)
-            dq_part = torch.empty(split, Nq, E, dtype=torch.float32, device=kv.device)
-            _launch("dq", _bwd_dq_kernel, lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), H, split),
-                    q, k_x, v, p_k, d_o, lse, delta, dq_part,
-                    *common, dq_part.stride(0), dq_part.stride(1),
-                    B, H, Nq, Nk, split, qk_scale, sm_scale, **consts)
-            dq = (dq_part[0] if split == 1 else dq_part.sum(0)).to(q.dtype)    # [Nq, E]
-            if need[0] or need[1]:
-                d_query = dq @ w_q
-                grads[0] = d_query if need[0] else None
-                grads[1] = d_query if need[1] else None
-            if need[4]:
-                torch.matmul(dq.t(), query + pos_q, out=grad_w_in[:E])
-            if need[5]:
-                d_bq = dq.sum(0)
-
-        if need_dkv:
-            dkxv = torch.empty(B, Nk, 2 * E, dtype=kv.dtype, device=kv.device)  # [dK | dV], the K_x | V layout
-            _launch("dkv", _bwd_dkv_kernel, lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H),
-                    q, k_x, v, p_k, d_o, lse, delta, dkxv[..., :E], dkxv[..., E:],
-                    *common, dkxv.stride(0), dkxv.stride(1),
-                    H, Nq, Nk, qk_scale, sm_scale, **consts)
-            d_pk = dkxv[..., :E].sum(0) if (need[3] or need[4]) else None      # [Nk, E]: P_k is in every K_b
-            if need[2]:
-                grads[2] = torch.matmul(dkxv, w_kv)                              # [B, Nk, E]
-            if need[3]:
-                grads[3] = d_pk @ w_k
-            if need[4]:
-                torch.matmul(dkxv.reshape(B * Nk, 2 * E).t(), kv.reshape(B * Nk, E), out=grad_w_in[E:])
-                grad_w_in[E:2 * E].addmm_(d_pk.t(), pos_k)
-            if need[5]:
-                d_bkv = dkxv.sum((0, 1))
-
-        if need[4]:
-            grads[4] = grad_w_in
-        if need[5]:
-            grads[5] = torch.cat((d_bq, d_bkv))
-        return tuple(grads)
+            f"{MAX_HEAD_DIM}; use more heads or kernels='torch'")
+    check_device(name, kv)
 
 
 def resampler_attention(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -494,5 +507,6 @@ def resampler_attention(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, o
     Raises:
         UnsupportedInput: before any launch, for wrong shapes, dtypes, devices, or head_dim > 128.
     """
-    return _ResamplerAttention.apply(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight,
-                                     out_proj_bias, num_heads)
+    _validate(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
+    return torch.ops.qwenvl.resampler_attention(query, pos_q, kv, pos_k, in_proj_weight, in_proj_bias,
+                                                out_proj_weight, out_proj_bias, num_heads)[0]

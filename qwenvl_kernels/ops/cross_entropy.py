@@ -38,17 +38,25 @@ Costs and limits: one small host sync per call (the label range check and the to
 In fp16 the logit gradients are formed before `grad_output` is known, so a loss scaler's factor cannot lift
 probabilities * 1/count that flush to zero in fp16 (the reference rounds the same quantity at grad_output = 1);
 bf16 (the training dtype of Qwen-VL) has fp32's range and is not affected. No double backward.
+
+Registered as the custom ops `qwenvl::linear_cross_entropy` (loss and the gradients of step 2-3) and
+`qwenvl::linear_cross_entropy_backward` (their scaling by grad_output).
+
+CONFIGS: one launch, "rows": the row kernel's candidates over BLOCK_V (in the kwargs) and warps, keyed on V. The
+other constexpr: COMPUTE_GRAD. The kernel rewrites the logits in place, so the autotuner restores them around
+every trial (restore_value).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .utils import UnsupportedInput, check_tensors, interpreting, next_power_of_2
+from ..launch import Launcher, UnsupportedInput, check_device, check_tensor, check_tensors, empty, next_power_of_2
 
-__all__ = ["linear_cross_entropy"]
+CONFIGS = {"rows": [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (1024, 2048, 4096) for w in (4, 8, 16)]}
 
 # bound on one logits chunk (rows * V * element size); the GPU budget keeps the dW GEMM of each chunk large enough
 # that re-reading the fp32 dW per chunk stays a small share of its time
@@ -59,8 +67,6 @@ _DW_SLICE_BYTES = 64 << 20
 # the interpreter's fixed block: small enough that the test vocabulary 1000 spans two blocks (the last one partial),
 # large enough to keep the interpreter's per-block cost down
 _INTERPRET_BLOCK_V = 512
-# every buffer the forward must overwrite completely is allocated through this (tests poison it with NaN)
-_empty = torch.empty
 
 
 @triton.jit
@@ -102,28 +108,15 @@ def _ce_rows_kernel(
             tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-# The kernel rewrites the logits in place, so every benchmarking run must start from the same logits:
-# restore_value saves and restores the chunk around each trial. Keyed on V (and, implicitly, the dtypes).
-_ce_rows_kernel_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_V": bv}, num_warps=w)
-        for bv in (1024, 2048, 4096)
-        for w in (4, 8, 16)
-    ],
-    key=["V", "COMPUTE_GRAD"],
-    restore_value=["logits_ptr"],
-)(_ce_rows_kernel)
+# keyed on V (and, implicitly, the dtypes); the kernel rewrites the logits in place, so every benchmarking run must
+# start from the same logits: restore_value saves and restores the chunk around each trial
+_launch_rows = Launcher(_ce_rows_kernel, CONFIGS, key=["V", "COMPUTE_GRAD"], restore_value=["logits_ptr"])
 
 
-def _launch_rows(logits, labels, losses, ignore_index, grad_scale, compute_grad):
+def _rows(logits, labels, losses, ignore_index, grad_scale, compute_grad):
     n, V = logits.shape
-    grid = (n,)
-    args = (logits, labels, losses, logits.stride(0), V, ignore_index, grad_scale)
-    if interpreting():
-        _ce_rows_kernel[grid](*args, COMPUTE_GRAD=compute_grad,
-                              BLOCK_V=min(_INTERPRET_BLOCK_V, next_power_of_2(V)), num_warps=4)
-    else:
-        _ce_rows_kernel_tuned[grid](*args, COMPUTE_GRAD=compute_grad)
+    _launch_rows("rows", (n,), logits, labels, losses, logits.stride(0), V, ignore_index, grad_scale,
+                 interpreter={"BLOCK_V": min(_INTERPRET_BLOCK_V, next_power_of_2(V))}, COMPUTE_GRAD=compute_grad)
 
 
 _FP32_OUT_GEMM: dict = {}
@@ -189,8 +182,7 @@ def _validate(hidden, weight, labels, ignore_index, reduction, chunk_size):
     if reduction not in ("mean", "sum"):
         raise UnsupportedInput(f"{name}: reduction must be 'mean' or 'sum', got {reduction!r}")
     check_tensors(name, hidden, weight)
-    if not isinstance(labels, torch.Tensor):
-        raise UnsupportedInput(f"{name}: labels must be a tensor, got {type(labels).__name__}")
+    check_tensor(name, "labels", labels)
     if hidden.dim() != 2 or weight.dim() != 2:
         raise UnsupportedInput(
             f"{name}: expected hidden [N, H] and weight [V, H], got shapes {tuple(hidden.shape)} and "
@@ -218,70 +210,102 @@ def _validate(hidden, weight, labels, ignore_index, reduction, chunk_size):
         raise UnsupportedInput(f"{name}: ignore_index {ignore_index} does not fit in int64")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise UnsupportedInput(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_device(name, hidden)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, need_dh, need_dw):
-        N, H = hidden.shape
-        V = weight.shape[0]
-        dtype, device = hidden.dtype, hidden.device
-        labels = labels.to(torch.int64).contiguous()
+@torch.library.custom_op("qwenvl::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                             reduction: str, chunk_size: Optional[int], need_dh: bool,
+                             need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dloss/dhidden, dloss/dweight in fp32), the gradients at grad_output = 1 (0-element when not needed)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dtype, device = hidden.dtype, hidden.device
+    labels = labels.to(torch.int64).contiguous()
 
-        # one host sync for both: the number of counted tokens and the number of labels outside [0, V)
-        counted = labels != ignore_index
-        bad = counted & ((labels < 0) | (labels >= V))
-        count, n_bad = torch.stack((counted.sum(), bad.sum())).tolist()
-        if n_bad:
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"linear_cross_entropy: {n_bad} label(s) outside [0, {V}) that are not ignore_index={ignore_index} "
-                f"(first: {first}); labels index the vocabulary of the LM head (weight [V, H])"
-            )
+    # one host sync for both: the number of counted tokens and the number of labels outside [0, V)
+    counted = labels != ignore_index
+    bad = counted & ((labels < 0) | (labels >= V))
+    count, n_bad = torch.stack((counted.sum(), bad.sum())).tolist()
+    if n_bad:
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"linear_cross_entropy: {n_bad} label(s) outside [0, {V}) that are not ignore_index={ignore_index} "
+            f"(first: {first}); labels index the vocabulary of the LM head (weight [V, H])"
+        )
 
-        h = _gemm_ready(hidden)
-        w = _gemm_ready(weight)
-        compute_grad = need_dh or need_dw
-        grad_scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    h = _gemm_ready(hidden)
+    w = _gemm_ready(weight)
+    compute_grad = need_dh or need_dw
+    grad_scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
 
-        C = chunk_size if chunk_size is not None else _chunk_rows(N, V, hidden.element_size(), device)
-        C = max(1, min(C, N))
-        buf = _empty((C if N else 0, V), dtype=dtype, device=device)
-        losses = _empty(N, dtype=torch.float32, device=device)
-        dh = _empty((N, H), dtype=dtype, device=device) if need_dh else None
-        dw = torch.zeros((V, H), dtype=torch.float32, device=device) if need_dw else None
+    C = chunk_size if chunk_size is not None else _chunk_rows(N, V, hidden.element_size(), device)
+    C = max(1, min(C, N))
+    buf = empty((C if N else 0, V), dtype, device)
+    losses = empty(N, torch.float32, device)
+    dh = empty((N, H) if need_dh else (0,), dtype, device)
+    dw = torch.zeros((V, H) if need_dw else (0,), dtype=torch.float32, device=device)
 
-        for s in range(0, N, C):
-            e = min(N, s + C)
-            logits = buf[: e - s]
-            torch.mm(h[s:e], w.t(), out=logits)
-            _launch_rows(logits, labels[s:e], losses[s:e], ignore_index, grad_scale, compute_grad)
-            if need_dh:
-                torch.mm(logits, w, out=dh[s:e])
-            if need_dw:
-                _accumulate_dw(dw, logits, h[s:e])
-        del buf
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        logits = buf[: e - s]
+        torch.mm(h[s:e], w.t(), out=logits)
+        _rows(logits, labels[s:e], losses[s:e], ignore_index, grad_scale, compute_grad)
+        if need_dh:
+            torch.mm(logits, w, out=dh[s:e])
+        if need_dw:
+            _accumulate_dw(dw, logits, h[s:e])
+    del buf
 
-        loss = losses.sum()
-        if reduction == "mean":
-            loss = loss / max(count, 1)
-        ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
-        return loss
+    loss = losses.sum()
+    if reduction == "mean":
+        loss = loss / max(count, 1)
+    return loss, dh, dw
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        dh, dw = ctx.saved_tensors
-        g = grad_output.reshape(())  # a scalar; never written to
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0] and dh is not None:
-            grad_hidden = dh * g
-        if ctx.needs_input_grad[1] and dw is not None:
-            # scale in fp32 and round once into the weight dtype, without an fp32 temporary of [V, H]
-            grad_weight = torch.empty(dw.shape, dtype=ctx.weight_dtype, device=dw.device)
-            torch.mul(dw, g.to(dw.dtype), out=grad_weight)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, reduction, chunk_size, need_dh, need_dw):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("qwenvl::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(grad_output: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor,
+                                      weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's gradients times grad_output (a scalar, never written to)."""
+    g = grad_output.reshape(())
+    grad_hidden = dh * g
+    # scale in fp32 and round once into the weight dtype, without an fp32 temporary of [V, H]
+    grad_weight = torch.empty(dw.shape, dtype=weight_dtype, device=dw.device)
+    torch.mul(dw, g.to(dw.dtype), out=grad_weight)
+    return grad_hidden, grad_weight
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(grad_output, dh, dw, weight_dtype):
+    return torch.empty_like(dh), dw.new_empty(dw.shape, dtype=weight_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.mark_non_differentiable(dh, dw)
+    ctx.set_materialize_grads(False)  # no zero-filled [N, H] and [V, H] gradients for the saved gradients
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.needs = inputs[6], inputs[7]
+
+
+def _backward(ctx, grad_output, _ddh, _ddw):
+    if grad_output is None:
+        return (None,) * 8
+    dh, dw = ctx.saved_tensors
+    grad_hidden, grad_weight = torch.ops.qwenvl.linear_cross_entropy_backward(grad_output, dh, dw, ctx.weight_dtype)
+    need_dh, need_dw = ctx.needs
+    return ((grad_hidden if need_dh and ctx.needs_input_grad[0] else None),
+            (grad_weight if need_dw and ctx.needs_input_grad[1] else None)) + (None,) * 6
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", *, chunk_size=None):
@@ -301,4 +325,5 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="m
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size, need_dh, need_dw)
+    return torch.ops.qwenvl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size,
+                                                 need_dh, need_dw)[0]
