@@ -1,14 +1,69 @@
 """Configuration of Qwen-VL: the vision tower, the adapter, the Qwen decoder, and the released presets.
 
 The dataclasses read and write the keys of the official `config.json` (its top level describes the LLM, its
-`visual` section the ViT and adapter). Keys we do not know raise an error instead of being dropped silently.
+`visual` section the ViT and adapter). Every field is type- and range-checked when a config is made, so a bad value
+fails here with its name, not deep inside the model. Reading a config.json, a key we do not know and a key the
+released file has but this one lacks are both errors: nothing is filled in from the 9.6B defaults.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+
+import torch
+
+from .jsonfile import read_json_object
+
+# The released code's log-n table has 32767 entries (positions 1..32767): it cannot run past that.
+MAX_CONTEXT = 32767
+
+# The compute/storage dtypes a checkpoint may name (config.json's torch_dtype, --dtype), with their short aliases.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a name ("bfloat16", "bf16", ...), a supported torch dtype, or None (None stays None)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; choose one of {sorted(DTYPES)}")
+        return dtype
+    name = _DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + sorted(_DTYPE_ALIASES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device) -> torch.device:
+    """A torch device from None (the CPU), a name ("cpu", "cuda", "cuda:1") or a torch.device; a GPU that is not
+    there is refused here, before anything is built."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible: use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config.json name of a supported torch dtype."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not supported; choose one of {sorted(DTYPES)}")
+
 
 # Keys the official config.json carries that describe nothing we compute (loading code, HF bookkeeping).
 _IGNORED_TEXT_KEYS = {
@@ -18,6 +73,30 @@ _IGNORED_TEXT_KEYS = {
     "use_cache_quantization", "use_cache_kernel", "_name_or_path", "do_sample", "chat_format", "max_window_size",
     "bos_token_id", "eos_token_id", "pad_token_id", "generation_config",
 }
+# Fields the released config.json does not carry (hard-coded in the released code): optional, default = released.
+_OPTIONAL_VISION_KEYS = {"n_queries", "adapter_head_dim", "pos_grid", "layer_norm_eps"}
+
+# Integer fields must be >= 1, except these (their lowest value); float fields must be > 0.
+_INT_MINIMUM = {"image_start_id": 0}
+
+
+def _check_fields(obj, section: str) -> None:
+    """Type and range of every field: int (not bool), float (int accepted, finite), bool."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        name = f"{section}{f.name}"
+        if f.type == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r} ({type(v).__name__})")
+        if f.type == "int":
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+            if v < _INT_MINIMUM.get(f.name, 1):
+                raise ValueError(f"{name} must be >= {_INT_MINIMUM.get(f.name, 1)}, got {v}")
+        if f.type == "float":
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r} ({type(v).__name__})")
+            if v <= 0:
+                raise ValueError(f"{name} must be > 0, got {v!r}")
 
 
 @dataclass
@@ -38,6 +117,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        _check_fields(self, "visual.")
         if self.width % self.heads:
             raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
         if self.output_dim % self.adapter_head_dim:
@@ -46,6 +126,10 @@ class VisionConfig:
             raise ValueError(f"n_queries must be a perfect square (a 2D grid of queries), got {self.n_queries}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.output_dim % 4:
+            raise ValueError(f"output_dim must be a multiple of 4 (the 2D sin-cos table), got {self.output_dim}")
+        if self.mlp_width < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} gives an MLP of width int({self.width} * ratio) = 0")
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +176,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        _check_fields(self, "")
         if self.num_attention_heads * self.kv_channels != self.hidden_size:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) x kv_channels ({self.kv_channels}) must equal "
@@ -99,6 +184,15 @@ class TextConfig:
             )
         if self.intermediate_size % 2:
             raise ValueError(f"intermediate_size must be even (w1 and w2 are half of it), got {self.intermediate_size}")
+        if self.rotary_pct > 1:
+            raise ValueError(f"rotary_pct is the rotated share of each head, in (0, 1]; got {self.rotary_pct}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(
+                f"rotary_pct {self.rotary_pct} gives {self.rotary_dim} rotary channels of {self.kv_channels}: "
+                f"it must be an even number >= 2"
+            )
+        if self.seq_length < 2 and (self.use_logn_attn or self.use_dynamic_ntk):
+            raise ValueError(f"seq_length must be >= 2 with dynamic NTK or log-n scaling, got {self.seq_length}")
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +214,10 @@ class QwenVLConfig:
     dtype: str = "bfloat16"          # the dtype the checkpoint is stored and computed in (bf16/fp16/fp32 flags)
 
     def __post_init__(self):
+        if not isinstance(self.text, TextConfig) or not isinstance(self.vision, VisionConfig):
+            raise TypeError("QwenVLConfig takes a TextConfig and a VisionConfig (or use from_dict / from_name)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.vision.output_dim != self.text.hidden_size:
             raise ValueError(
                 f"visual output_dim ({self.vision.output_dim}) must equal the LLM hidden_size ({self.text.hidden_size})"
@@ -136,10 +234,15 @@ class QwenVLConfig:
     # --- official config.json ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "QwenVLConfig":
+        """The config of an official config.json's content: every released key present, no unknown one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config.json holds one JSON object, got {type(d).__name__}")
         d = dict(d)
-        visual = dict(d.pop("visual", {}))
-        text_names = {f.name for f in fields(TextConfig)}
-        vision_names = {f.name for f in fields(VisionConfig)}
+        visual = d.pop("visual", None)
+        if not isinstance(visual, dict):
+            raise ValueError("the 'visual' section (the vision tower and adapter) is missing or not an object")
+        text_names = [f.name for f in fields(TextConfig)]
+        vision_names = [f.name for f in fields(VisionConfig)]
         unknown = [k for k in d if k not in text_names and k not in _IGNORED_TEXT_KEYS]
         unknown += [f"visual.{k}" for k in visual if k not in vision_names]
         if unknown:
@@ -147,18 +250,16 @@ class QwenVLConfig:
                 f"unknown config key(s) {unknown}: this is not a Qwen-VL config.json, or it comes from a newer model "
                 f"this library does not implement"
             )
-        if d.get("fp32"):
-            dtype = "float32"
-        elif d.get("fp16"):
-            dtype = "float16"
-        elif d.get("bf16") or "torch_dtype" not in d:
-            dtype = "bfloat16"
-        else:
-            dtype = d["torch_dtype"]
-        text = TextConfig(**{k: v for k, v in d.items() if k in text_names})
-        vision_kw = {k: v for k, v in visual.items() if k in vision_names}
-        vision_kw.setdefault("output_dim", text.hidden_size)
-        return cls(text=text, vision=VisionConfig(**vision_kw), dtype=dtype)
+        missing = [k for k in text_names if k not in d]
+        missing += [f"visual.{k}" for k in vision_names if k not in visual and k not in _OPTIONAL_VISION_KEYS]
+        if missing:
+            raise ValueError(
+                f"missing config key(s) {missing}: a Qwen-VL config.json names every size of the model; nothing is "
+                f"filled in from the released 9.6B model's values"
+            )
+        text = TextConfig(**{k: d[k] for k in text_names})
+        vision = VisionConfig(**{k: v for k, v in visual.items()})
+        return cls(text=text, vision=vision, dtype=_dtype_of(d))
 
     def to_dict(self) -> dict:
         d = asdict(self.text)
@@ -168,22 +269,27 @@ class QwenVLConfig:
             torch_dtype=self.dtype, scale_attn_weights=True, use_cache=True,
         )
         visual = asdict(self.vision)
-        defaults = VisionConfig()
+        defaults = {f.name: f.default for f in fields(VisionConfig) if f.default is not MISSING}
         # the released config.json has no n_queries / adapter_head_dim / pos_grid / eps: write them only when changed
-        for k in ("n_queries", "adapter_head_dim", "pos_grid", "layer_norm_eps"):
-            if visual[k] == getattr(defaults, k):
+        for k in _OPTIONAL_VISION_KEYS:
+            if visual[k] == defaults[k]:
                 del visual[k]
         d["visual"] = visual
         return d
 
     @classmethod
-    def from_json(cls, path: str) -> "QwenVLConfig":
+    def from_json(cls, path) -> "QwenVLConfig":
+        """The config of a checkpoint folder (or of its config.json); every problem names the file."""
+        path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}: a checkpoint folder holds config.json beside its weights")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        content = read_json_object(path)
+        try:
+            return cls.from_dict(content)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save_json(self, path: str) -> None:
         if os.path.isdir(path):
@@ -199,6 +305,24 @@ class QwenVLConfig:
             vision=replace(self.vision, **(vision or {})),
             **kw,
         )
+
+
+def _dtype_of(d: dict) -> str:
+    """The dtype of a config.json: its fp32/fp16/bf16 flags (what the released code reads), else torch_dtype."""
+    for flag in ("fp32", "fp16", "bf16"):
+        if flag in d and not isinstance(d[flag], bool):
+            raise ValueError(f"{flag} must be true or false, got {d[flag]!r}")
+    flags = [name for flag, name in (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16")) if d.get(flag)]
+    if len(flags) > 1:
+        raise ValueError(f"more than one of the flags fp32, fp16, bf16 is true ({flags}): set one")
+    if flags:
+        return flags[0]
+    if "torch_dtype" not in d:
+        return "bfloat16"  # the released default when no flag is set
+    name = d["torch_dtype"]
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype {name!r} is not supported; choose one of {sorted(DTYPES)}")
+    return name
 
 
 def _qwen_vl() -> QwenVLConfig:

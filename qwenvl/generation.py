@@ -1,28 +1,54 @@
 """Generation: one prefill (images encoded once), then decoding with the KV cache; greedy or sampled; ChatML chat.
 
 Batches are left-padded; each row's positions count from its first real token, so a row of a batch gets the same
-tokens as the same prompt alone (the released code counts from the padded start and does not).
+tokens as the same prompt alone (the released code counts from the padded start and does not). Every argument is
+checked before the prefill. Streamed text is released in whole characters: the bytes of a character split across
+tokens (Chinese, accents) are held back until it is complete.
 """
 from __future__ import annotations
 
+import codecs
+import math
+import numbers
 from typing import Callable, Iterable
 
 import torch
 
-from .model import MAX_CONTEXT
-from .text import KVCache
+from .cache import KVCache
+from .config import MAX_CONTEXT
+from .inputs import check_input_ids
+from .prompts import DEFAULT_SYSTEM, chat_ids
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_sampling(do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0) -> None:
+    """The sampling options, checked (ValueError naming the option and its allowed range)."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _real(temperature) or (do_sample and temperature <= 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if not _real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {top_p!r}")
+    if not _int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filtering), got {top_k!r}")
+    if not _real(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
 
 
 def sample_next(logits: torch.Tensor, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """Next ids `[B]` from fp32 logits `[B, V]`: argmax, or sampling after temperature, top-k and top-p filtering."""
+    check_sampling(do_sample, temperature, top_p, top_k)
     if not do_sample:
         return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     logits = logits / temperature
-    if top_k and top_k > 0:
+    if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
@@ -45,21 +71,52 @@ def _apply_repetition_penalty(logits, seen, penalty):
     return logits.scatter(1, seen, picked)
 
 
-def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, do_sample=False,
-                   temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=None,
-                   pad_token_id=None, generator=None, image_features=None, vocab_size=None):
-    """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    B, T = input_ids.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+def _stop_ids(eos_token_id, vocab: int) -> list[int]:
+    if eos_token_id is None:
+        return []
+    stops = [eos_token_id] if _int(eos_token_id) else list(eos_token_id) if isinstance(eos_token_id, (list, tuple,
+                                                                                                       set)) else None
+    if stops is None or not all(_int(t) and 0 <= t < vocab for t in stops):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, each in 0..{vocab - 1}; "
+                         f"got {eos_token_id!r}")
+    return [int(t) for t in stops]
+
+
+def _check_generation(model, input_ids, max_new_tokens, pad_token_id, vocab_size, generator) -> None:
+    if not _int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    V = model.config.text.vocab_size
+    check_input_ids(input_ids, V)
+    T = input_ids.shape[1]
     if T + max_new_tokens > MAX_CONTEXT:
         raise ValueError(
             f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the longest context the model "
             f"supports ({MAX_CONTEXT}); shorten the prompt or ask for fewer tokens"
         )
-    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if pad_token_id is not None and (not _int(pad_token_id) or not 0 <= pad_token_id < V):
+        raise ValueError(f"pad_token_id must be a token id in 0..{V - 1}, got {pad_token_id!r}")
+    if vocab_size is not None and (not _int(vocab_size) or not 0 < vocab_size <= V):
+        raise ValueError(f"vocab_size (the tokenizer's) must be an int in 1..{V}, got {vocab_size!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, do_sample=False,
+                   temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=None,
+                   pad_token_id=None, generator=None, image_features=None, vocab_size=None):
+    """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`)."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    check_sampling(do_sample, temperature, top_p, top_k, repetition_penalty)
+    _check_generation(model, input_ids, max_new_tokens, pad_token_id, vocab_size, generator)
+    stops = _stop_ids(eos_token_id, model.config.text.vocab_size)
+    return _steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
+                  repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size)
+
+
+def _steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
+           repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size):
+    B, T = input_ids.shape
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
     cfg = model.config.text
     device = model.device
@@ -104,10 +161,13 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     (the tokenizer's: ids past it, padding of the embedding table, are never produced).
     Returns `[B, T + n]` ids. `streamer`, when given, is called with each step's new ids `[B]`.
     """
+    if streamer is not None and not callable(streamer):
+        raise TypeError(f"streamer must be callable (it receives each step's new ids), got {type(streamer).__name__}")
+    steps = generate_steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, **kwargs)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     new = []
-    for nxt in generate_steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, **kwargs):
+    for nxt in steps:
         new.append(nxt)
         if streamer is not None:
             streamer(nxt)
@@ -122,11 +182,38 @@ def until_stop(ids: list[int], stops) -> list[int]:
     return ids
 
 
+class TextStream:
+    """The text of a growing sequence of generated ids, released in whole characters.
+
+    `push(ids)` returns the new text: bytes of a character that is not complete yet are held back until it is (an
+    invalid byte sequence becomes U+FFFD once it can no longer be completed); `close()` flushes what is left.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._sent = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, ids) -> str:
+        self.ids += [int(t) for t in ids]
+        data = self.tokenizer.decode_bytes(self.ids)  # the bytes of a prefix are a prefix of these
+        new = self._utf8.decode(data[self._sent:])
+        self._sent = len(data)
+        self.text += new
+        return new
+
+    def close(self) -> str:
+        new = self._utf8.decode(b"", final=True)
+        self.text += new
+        return new
+
+
 def _chat_inputs(model, tokenizer, query, history, system, image_root):
     from .processing import images_for
 
-    prompt = tokenizer.chat_prompt(query, history=history, system=system)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    ids = torch.tensor([chat_ids(tokenizer, query, history=history, system=system)], dtype=torch.long)
     pixel_values = None
     if tokenizer.image_paths(ids[0].tolist()):
         pixel_values = images_for(ids, tokenizer, model.config.vision.image_size, root=image_root)
@@ -136,23 +223,30 @@ def _chat_inputs(model, tokenizer, query, history, system, image_root):
 
 def chat_stream(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
                 max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> Iterable[str]:
-    """Qwen-VL-Chat in ChatML, streamed: yields the response text so far after each new token."""
+    """Qwen-VL-Chat in ChatML, streamed: yields the response text so far each time it grows by whole characters
+    (each yield extends the previous one; the last equals `chat`'s response)."""
+    check_sampling(do_sample, kwargs.get("temperature", 1.0), top_p, kwargs.get("top_k", 0),
+                   kwargs.get("repetition_penalty", 1.0))
     ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
     stops = [tokenizer.im_end_id, tokenizer.eod_id]
-    produced: list[int] = []
     kwargs.setdefault("vocab_size", tokenizer.vocab_size)
+    text = TextStream(tokenizer)
     for nxt in generate_steps(model, ids, pixel_values, None, max_new_tokens, do_sample=do_sample, top_p=top_p,
                               eos_token_id=stops, **kwargs):
         t = int(nxt[0])
         if t in stops:
-            return
-        produced.append(t)
-        yield tokenizer.decode(produced)
+            break
+        if text.push([t]):
+            yield text.text
+    if text.close():
+        yield text.text
 
 
 def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
          max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> tuple[str, list]:
     """One ChatML turn of Qwen-VL-Chat: returns (response, history + [(query, response)])."""
+    check_sampling(do_sample, kwargs.get("temperature", 1.0), top_p, kwargs.get("top_k", 0),
+                   kwargs.get("repetition_penalty", 1.0))
     ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
     stops = [tokenizer.im_end_id, tokenizer.eod_id]
     kwargs.setdefault("vocab_size", tokenizer.vocab_size)

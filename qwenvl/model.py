@@ -2,6 +2,8 @@
 
 `QwenVL(config, kernels="auto")` owns `transformer` (wte, h, ln_f and visual, as in the released checkpoint) and
 `lm_head`. Each `<img>` ... `</img>` span of n_queries ids (256 released) receives one image's adapter output.
+`QwenVL.forward` checks its inputs, writes the images into the embeddings, lays out positions and the cache, and
+hands the decoder stack (`QWenTransformer.forward`) one embedded sequence.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import torch.nn as nn
 
 from qwenvl_kernels import get_backend
 
-from .config import QwenVLConfig
-from .text import KVCache, QWenBlock, RMSNorm, RotaryEmbedding, logn_scale, ntk_alpha
+from . import checkpoint
+from .cache import KVCache
+from .config import MAX_CONTEXT, QwenVLConfig, resolve_device, resolve_dtype
+from .generation import generate
+from .inputs import (check_cu_seqlens, check_image_count, check_image_features, check_input_ids, check_labels,
+                     check_pixel_values, image_spans, next_token_targets, padding_starts)
+from .text import Packing, QWenBlock, RMSNorm, RotaryEmbedding, RotaryInputs, logn_scale, ntk_alpha, token_positions
 from .vision import VisionTransformer
-
-# The released code's log-n table has 32767 entries (positions 1..32767): it cannot run past that.
-MAX_CONTEXT = 32767
 
 
 @dataclass
@@ -41,10 +45,25 @@ class QWenTransformer(nn.Module):
         self.rotary_emb = RotaryEmbedding(t.rotary_dim, t.rotary_emb_base)
         self.grad_checkpointing = False
 
+    def forward(self, h: torch.Tensor, rope: RotaryInputs, cache: KVCache | None = None, seq_start=None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """The decoder blocks and the final norm over embedded tokens `h [B, T, hidden]`; writes the cache."""
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.h):
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, rope, i, None, seq_start, packing,
+                                                      use_reentrant=False)
+            else:
+                h = block(h, rope, i, cache, seq_start, packing)
+        return self.ln_f(h)
+
 
 class QwenVL(nn.Module):
     def __init__(self, config: QwenVLConfig, kernels="auto"):
         super().__init__()
+        if not isinstance(config, QwenVLConfig):
+            raise TypeError(f"QwenVL takes a QwenVLConfig (e.g. QwenVLConfig.from_name('tiny')), got "
+                            f"{type(config).__name__}; to load a checkpoint folder use QwenVL.from_pretrained")
         self.config = config
         self.kernels = get_backend(kernels)
         self.transformer = QWenTransformer(config, self.kernels)
@@ -91,14 +110,23 @@ class QwenVL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, kernels="auto") -> "QwenVL":
-        from .checkpoint import load_pretrained
+        """Build the model of checkpoint folder `path` and load its weights (never downloaded).
 
-        return load_pretrained(path, dtype=dtype, device=device, kernels=kernels)
+        Everything that can be checked without reading tensor data is checked first: the config, the dtype, the
+        device, the backend, and every weight file's header (names, shapes, dtypes, sizes) against the model.
+        """
+        weights = checkpoint.open_checkpoint(path)
+        dtype = resolve_dtype(dtype) or resolve_dtype(weights.config.dtype)
+        device = resolve_device(device)
+        with torch.device("meta"):
+            model = cls(weights.config, kernels=kernels)
+        weights.check_against(model)
+        model = model.to_empty(device=device).to(dtype)
+        weights.load_into(model)
+        return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 4 << 30) -> None:
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        checkpoint.save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
     def parameter_counts(self) -> dict:
         """Parameters of the ViT (with ln_post and proj), the adapter, the LLM, and in total."""
@@ -119,73 +147,69 @@ class QwenVL(nn.Module):
     # --- images ---------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[num_images, 3, H, W]` normalized pixels -> `[num_images, n_queries, hidden]` features for the spans."""
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a [num_images, 3, H, W] tensor, got {shape}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be floating point (normalized pixels), got {pixel_values.dtype}: "
-                f"use qwenvl.processing.load_image to turn images into model inputs"
-            )
-        p = self.config.vision.patch_size
-        H, W = pixel_values.shape[-2:]
-        if H != W or H % p:
-            raise ValueError(f"pixel_values must be square with a side divisible by the patch size {p}, got {H}x{W}")
+        check_pixel_values(pixel_values, self.config.vision.patch_size)
         return self.transformer.visual(pixel_values.to(self.device))
 
-    def _image_positions(self, input_ids):
-        """(row, [N, n_queries] positions) of the image spans, or None; checks that every span is well formed."""
-        v = self.config.vision
-        n = v.n_queries
-        starts = (input_ids == v.image_start_id).nonzero()
-        n_ends = int((input_ids == v.image_end_id).sum())
-        if starts.shape[0] == 0 and n_ends == 0:
-            return None
-        T = input_ids.shape[1]
-        rows, cols = starts[:, 0], starts[:, 1]
-        end_at = cols + n + 1
-        ok = (end_at < T) & (input_ids[rows, end_at.clamp(max=T - 1)] == v.image_end_id)
-        if not bool(ok.all()) or n_ends != starts.shape[0]:
-            raise ValueError(
-                f"malformed image span: each <img> (id {v.image_start_id}) must be followed by exactly {n} ids and "
-                f"then </img> (id {v.image_end_id}); build prompts with the tokenizer, which pads each span"
-            )
-        return rows, cols[:, None] + 1 + torch.arange(n, device=input_ids.device)
+    def _insert_images(self, h, input_ids, pixel_values, image_features):
+        """Write each image's features over the inner ids of its span; counts are checked before the ViT runs."""
+        spans = image_spans(input_ids, self.config.vision)
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("give pixel_values or image_features (from encode_images), not both")
+        if image_features is not None:
+            check_image_features(image_features, self.config.vision.n_queries, self.config.text.hidden_size)
+            check_image_count(image_features.shape[0], spans, "image feature(s)")
+        else:
+            if pixel_values is not None:
+                check_pixel_values(pixel_values, self.config.vision.patch_size)
+            check_image_count(0 if pixel_values is None else pixel_values.shape[0], spans)
+        if spans is None:
+            return h
+        if image_features is None:
+            image_features = self.encode_images(pixel_values)
+        rows, pos = spans
+        return h.index_put((rows[:, None].expand_as(pos), pos), image_features.to(h.dtype))
 
     # --- forward --------------------------------------------------------------------------------------------------
-    def _padding(self, attention_mask, T_total, use_cache):
-        """Index of each row's first real token from a 0/1 mask, or None when no row is left-padded."""
-        m = attention_mask.to(torch.int32)
-        if m.dim() != 2 or m.shape[1] != T_total:
-            raise ValueError(f"attention_mask must be [batch, {T_total}] (past + new tokens), got {tuple(m.shape)}")
-        ones = m.sum(1)
-        first = torch.argmax(m, dim=1)
-        idx = torch.arange(T_total, device=m.device)[None]
-        expected = ((idx >= first[:, None]) & (idx < (first + ones)[:, None])).to(torch.int32)
-        if not torch.equal(expected, m):
-            raise ValueError(
-                "attention_mask must be padding only: zeros on the left (batched generation) and/or on the right "
-                "(training batches), ones in between"
-            )
-        if (ones == 0).any():
-            raise ValueError("attention_mask has a row with no real token")
-        if use_cache and bool((first + ones < T_total).any()):
-            raise ValueError("generation with a KV cache needs left padding: pad on the left, not the right")
-        return first.to(torch.int32) if bool((first > 0).any()) else None
+    def _rotary(self, positions, B: int, past: int, T: int, attention_mask, cache) -> RotaryInputs:
+        """Rotary inputs of the new tokens. Inference only: dynamic NTK from each row's real prompt length (fixed at
+        prefill; a padded row behaves as if alone) and log-n scaling past the trained length."""
+        cfg = self.config.text
+        inference = not self.training
+        if cfg.use_dynamic_ntk and inference:
+            if past == 0:
+                lengths = [T] * B if attention_mask is None else attention_mask.sum(1).tolist()
+                alphas = [ntk_alpha(n, cfg.seq_length) for n in lengths]
+            else:
+                alphas = cache.ntk_alphas
+        else:
+            alphas = [1.0] * B
+        logn = None
+        if cfg.use_logn_attn and inference and past + T > cfg.seq_length:
+            logn = logn_scale(positions, cfg.seq_length)[:, :, None, None]
+        if cache is not None and past == 0:
+            cache.ntk_alphas = alphas
+        return self.transformer.rotary_emb.inputs(positions, alphas, past + T, logn)
 
-    def _rotary_tables(self, length, alphas, positions):
-        """cos/sin tables for `length` positions and the positions to read them at. Rows with different NTK factors
-        read from one stacked table (each alpha's block offset), so the rotary kernel stays one launch."""
-        rotary = self.transformer.rotary_emb
-        unique = sorted(set(alphas))
-        if len(unique) == 1:
-            cos, sin = rotary.tables(length, unique[0], positions.device)
-            return cos, sin, positions
-        blocks = [rotary.tables(length, a, positions.device) for a in unique]
-        cos = torch.cat([c[:length] for c, _ in blocks])
-        sin = torch.cat([s[:length] for _, s in blocks])
-        offset = torch.tensor([unique.index(a) * length for a in alphas], device=positions.device)
-        return cos, sin, positions.expand(len(alphas), -1) + offset[:, None]
+    def _check(self, input_ids, labels, cache, cu_seqlens, use_cache, num_logits_to_keep) -> int:
+        """Every input check that needs no heavy step; returns the number of cached tokens."""
+        check_input_ids(input_ids, self.config.text.vocab_size)
+        B, T = input_ids.shape
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be the KVCache a previous call returned, got {type(cache).__name__}")
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"past_key_values hold {cache.batch} row(s) but input_ids has {B}")
+        past = cache.length if cache is not None else 0
+        if past + T > MAX_CONTEXT:
+            raise ValueError(f"{past + T} tokens exceed the longest context the model supports ({MAX_CONTEXT})")
+        if labels is not None:
+            check_labels(labels, input_ids, self.config.text.vocab_size)
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, input_ids)
+            if use_cache or cache is not None:
+                raise ValueError("packed sequences (cu_seqlens) are for training: no KV cache")
+        if not isinstance(num_logits_to_keep, int) or isinstance(num_logits_to_keep, bool) or num_logits_to_keep < 0:
+            raise ValueError(f"num_logits_to_keep must be an int >= 0 (0: all positions), got {num_logits_to_keep!r}")
+        return past
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, past_key_values=None,
                 use_cache=False, image_features=None, cu_seqlens=None, num_logits_to_keep=0):
@@ -196,96 +220,42 @@ class QwenVL(nn.Module):
         shifted inside as in the released code); past_key_values a `KVCache`; cu_seqlens int32 boundaries of
         sequences packed into one row (training). num_logits_to_keep > 0 computes logits for the last positions only.
         """
-        cfg = self.config.text
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
         cache = past_key_values
-        past = cache.length if cache is not None else 0
-        if past + T > MAX_CONTEXT:
-            raise ValueError(f"{past + T} tokens exceed the longest context the model supports ({MAX_CONTEXT})")
+        past = self._check(input_ids, labels, cache, cu_seqlens, use_cache, num_logits_to_keep)
+        B, T = input_ids.shape
         dev = input_ids.device
-
         if past > 0:
+            if pixel_values is not None or image_features is not None:
+                raise ValueError("images go in with the prompt (the prefill), not with tokens decoded after it")
             seq_start = cache.seq_start
         else:
-            seq_start = self._padding(attention_mask, T, use_cache) if attention_mask is not None else None
-        if cu_seqlens is not None and (B != 1 or seq_start is not None):
-            raise ValueError("packed sequences (cu_seqlens) take one row [1, total] and no attention_mask")
+            seq_start = padding_starts(attention_mask, T, use_cache) if attention_mask is not None else None
+            if cu_seqlens is not None and seq_start is not None:
+                raise ValueError("packed sequences (cu_seqlens) take no attention_mask with padding")
 
         h = self.transformer.wte(input_ids)
-        spans = self._image_positions(input_ids) if past == 0 else None
-        if spans is not None:
-            if image_features is None:
-                if pixel_values is None:
-                    raise ValueError(f"input_ids hold {spans[0].numel()} image span(s) but no pixel_values were given")
-                image_features = self.encode_images(pixel_values)
-            if image_features.shape[0] != spans[0].numel():
-                raise ValueError(
-                    f"{image_features.shape[0]} image(s) given for {spans[0].numel()} <img> span(s) in input_ids"
-                )
-            rows, pos = spans
-            h = h.index_put((rows[:, None].expand_as(pos), pos), image_features.to(h.dtype))
-        elif pixel_values is not None and past == 0:
-            raise ValueError("pixel_values were given but input_ids hold no <img> span to receive them")
-
-        # positions: absolute index, counted from each row's first real token, restarting per packed sequence
-        positions = torch.arange(past, past + T, device=dev)[None]
-        if seq_start is not None:
-            positions = (positions - seq_start.to(dev, torch.long)[:, None]).clamp(min=0)
-        if cu_seqlens is not None:
-            cu = cu_seqlens.to(dev, torch.long)
-            seg = torch.searchsorted(cu[1:], torch.arange(T, device=dev), right=True)
-            positions = (torch.arange(T, device=dev) - cu[seg])[None]
-        inference = not self.training
-        if cfg.use_dynamic_ntk and inference:
-            if past == 0:  # alpha from each row's real prompt length, so a padded row behaves as if alone
-                lengths = [T] * B if attention_mask is None else attention_mask.sum(1).tolist()
-                alphas = [ntk_alpha(n, cfg.seq_length) for n in lengths]
-            else:
-                alphas = cache.ntk_alphas
-        else:
-            alphas = [1.0] * B
-        cos, sin, positions_in_table = self._rotary_tables(past + T, alphas, positions)
-        logn = None
-        if cfg.use_logn_attn and inference and past + T > cfg.seq_length:
-            logn = logn_scale(positions, cfg.seq_length)[:, :, None, None]
-        positions = positions_in_table
-        rope = (cos, sin, positions if positions.shape[0] > 1 else positions[0], logn)
-
+        if past == 0:
+            h = self._insert_images(h, input_ids, pixel_values, image_features)
+        positions = token_positions(T, past, seq_start, cu_seqlens, dev)
         if use_cache and cache is None:
-            cache = KVCache(cfg.num_hidden_layers, B, T, cfg.num_attention_heads, cfg.kv_channels, h.dtype, dev,
-                            seq_start=seq_start)
+            cache = KVCache(self.config.text.num_hidden_layers, B, T, self.config.text.num_attention_heads,
+                            self.config.text.kv_channels, h.dtype, dev, seq_start=seq_start)
+        rope = self._rotary(positions, B, past, T, attention_mask, cache)
         if cache is not None:
-            if past == 0:
-                cache.ntk_alphas = alphas
-                if seq_start is not None:
-                    cache.seq_start = seq_start
+            if past == 0 and seq_start is not None:
+                cache.seq_start = seq_start
             cache.reserve(T)
-        max_seqlen = None
+        packing = None
         if cu_seqlens is not None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            packing = Packing(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
 
-        ckpt = self.transformer.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer.h):
-            if ckpt:
-                h = torch.utils.checkpoint.checkpoint(block, h, rope, i, None, seq_start, cu_seqlens, max_seqlen,
-                                                      use_reentrant=False)
-            else:
-                h = block(h, rope, i, cache, seq_start, cu_seqlens, max_seqlen)
+        h = self.transformer(h, rope, cache, seq_start, packing)
         if cache is not None:
             cache.length += T
-        h = self.transformer.ln_f(h)
 
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-            targets = labels[:, 1:]
-            if cu_seqlens is not None:  # the last token of one packed sequence does not predict the next sequence
-                targets = targets.clone()
-                bounds = cu_seqlens[1:-1].to(dev, torch.long) - 1
-                targets[0, bounds[(bounds >= 0) & (bounds < T - 1)]] = -100
+            targets = next_token_targets(labels.to(dev), cu_seqlens)
             loss = self.kernels.linear_cross_entropy(
                 h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1)
             )
@@ -296,7 +266,5 @@ class QwenVL(nn.Module):
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, **kwargs):
         """Prompt + new ids `[B, T + new]`; see `qwenvl.generation.generate` for the sampling options."""
-        from .generation import generate
-
         return generate(self, input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, **kwargs)

@@ -10,18 +10,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GRID = 1000  # box corners are integers in [0, GRID)
 
-# one colour per parsed entry, cycled; saturated so the boxes stand out on photos
-BOX_COLORS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 160, 0), (200, 0, 200), (0, 200, 200), (255, 255, 0))
 
 
 # --- images ------------------------------------------------------------------------------------------------------
@@ -31,9 +29,37 @@ def _check_size(image_size) -> int:
     return image_size
 
 
-def _open_rgb(image) -> Image.Image:
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """RGB of any Pillow mode. 16-bit and 32-bit grey images (a 16-bit PNG opens as "I;16") are scaled to 8 bits
+    first: Pillow's own conversion clips them, which turns nearly every 16-bit picture white."""
+    if img.mode not in _HIGH_DEPTH:
+        return img.convert("RGB")
+    a = np.asarray(img).astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        full = 65535.0
+    elif lo >= 0 and hi <= 1.0 and img.mode == "F":
+        full = 1.0
+    elif lo >= 0 and hi <= 255:
+        full = 255.0
+    elif lo >= 0 and hi <= 65535 and img.mode == "I":
+        full = 65535.0
+    else:
+        raise ValueError(
+            f"{name}: a {img.mode!r} image with values {lo:g}..{hi:g}; only 8- and 16-bit ranges are understood: "
+            f"convert it to an 8-bit RGB or greyscale file"
+        )
+    grey = np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def open_rgb(image) -> Image.Image:
+    """A path or PIL.Image as a decoded RGB image; a missing, unreadable or URL path is refused with its name."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image, "the image")
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"expected an image path (str or Path) or a PIL.Image, got {type(image).__name__}")
     path = os.fspath(image)
@@ -50,8 +76,8 @@ def _open_rgb(image) -> Image.Image:
         with Image.open(path) as img:
             # PIL decodes lazily: force the decode here so a truncated file fails with its name attached
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return _to_rgb(img, path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(
             f"cannot read {path} as an image ({type(e).__name__}: {e}); is the file corrupt or truncated?"
         ) from None
@@ -60,7 +86,7 @@ def _open_rgb(image) -> Image.Image:
 def load_image(image, image_size: int) -> torch.Tensor:
     """An image path or PIL.Image as the model's input: FloatTensor [3, S, S], CLIP-normalized."""
     size = _check_size(image_size)
-    img = _open_rgb(image).resize((size, size), Image.BICUBIC)
+    img = open_rgb(image).resize((size, size), Image.BICUBIC)
     # the order of the float32 operations follows ToTensor then Normalize, so values match the official pipeline
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
@@ -207,36 +233,3 @@ def box_iou(a, b) -> float:
     inter = iw * ih
     union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
     return float(inter / union) if union > 0 else 0.0
-
-
-def draw_boxes(image, parsed: Iterable[dict], out_path) -> Image.Image:
-    """Draw parsed grounding (from parse_grounding) on a copy of image and save it as PNG at out_path.
-
-    Boxes are on the [0, 1000) grid and are scaled to the image's own size; each entry gets one colour and its ref
-    written at the top-left of its first box. Returns the drawn image.
-    """
-    img = _open_rgb(image).copy()
-    w, h = img.size
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    line = max(1, round(min(w, h) / 200))
-    for n, entry in enumerate(parsed):
-        if not isinstance(entry, dict) or "boxes" not in entry:
-            raise ValueError(
-                f"each parsed entry is a dict with 'boxes' (and 'ref'), as parse_grounding returns; got {entry!r}"
-            )
-        color = BOX_COLORS[n % len(BOX_COLORS)]
-        for k, box in enumerate(entry["boxes"]):
-            x1, y1, x2, y2 = (round(v) for v in denormalize_box(box, w, h))
-            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line)
-            if k == 0 and entry.get("ref"):
-                tx, ty = x1 + line + 1, y1 + line + 1
-                l, t, r, b = draw.textbbox((tx, ty), entry["ref"], font=font)
-                draw.rectangle([l - 1, t - 1, r + 1, b + 1], fill=color)
-                draw.text((tx, ty), entry["ref"], fill=(255, 255, 255), font=font)
-    out_path = os.fspath(out_path)
-    parent = os.path.dirname(out_path)
-    if parent and not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot save to {out_path}: the folder {parent} does not exist")
-    img.save(out_path, format="PNG")
-    return img

@@ -6,10 +6,12 @@ kernel call goes through `self.kernels`, the backend chosen once when the model 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from .cache import KVCache
 from .config import TextConfig
 
 
@@ -36,6 +38,39 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1)).float()
 
 
+class RotaryInputs(NamedTuple):
+    """What rotary embedding needs for the tokens of one forward pass.
+
+    cos, sin: fp32 tables `[L, rotary_dim / 2]`; positions: each token's row in them, `[T]` (shared by every row) or
+    `[B, T]`; logn: the log-n query scale `[B or 1, T, 1, 1]` past the trained length, else None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    logn: torch.Tensor | None = None
+
+
+class Packing(NamedTuple):
+    """Sequences packed into one row `[1, total]`: int32 boundaries `cu_seqlens` and the longest sequence."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def token_positions(T: int, past: int = 0, seq_start=None, cu_seqlens=None, device=None) -> torch.Tensor:
+    """Rotary positions `[1 or B, T]` of T new tokens after `past` cached ones: the absolute index, counted from each
+    row's first real token (`seq_start`, left padding), restarting at each packed sequence's start (`cu_seqlens`)."""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device, torch.long)
+        index = torch.arange(T, device=device)
+        return (index - cu[torch.searchsorted(cu[1:], index, right=True)])[None]
+    positions = torch.arange(past, past + T, device=device)[None]
+    if seq_start is not None:
+        positions = (positions - seq_start.to(device, torch.long)[:, None]).clamp(min=0)
+    return positions
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables of GPT-NeoX rotary embedding; the base grows with the dynamic-NTK factor alpha."""
 
@@ -60,54 +95,19 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = cached
         return cached
 
-
-class KVCache:
-    """Preallocated keys and values of every layer, `[batch, capacity, heads, head_dim]`.
-
-    All rows share one write position (`length`): a batch is left-padded, and `seq_start[b]` is the index of row b's
-    first real token, so its keys before that are masked and its positions count from there. `ntk_alphas` are the
-    rows' dynamic-NTK factors fixed at prefill, which decoding keeps.
-    """
-
-    def __init__(self, n_layers, batch, capacity, heads, head_dim, dtype, device, seq_start=None):
-        self.k = [torch.empty(batch, capacity, heads, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty_like(t) for t in self.k]
-        self.length = 0
-        self.seq_start = seq_start if seq_start is not None else torch.zeros(batch, dtype=torch.int32, device=device)
-        self.ntk_alphas = [1.0] * batch
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[1]
-
-    def reserve(self, new_tokens: int) -> None:
-        """Grow the buffers (doubling) so that `new_tokens` more fit."""
-        need = self.length + new_tokens
-        if need <= self.capacity:
-            return
-        cap = max(need, 2 * self.capacity)
-        for layer in range(len(self.k)):
-            for buf in (self.k, self.v):
-                old = buf[layer]
-                grown = old.new_empty((old.shape[0], cap) + tuple(old.shape[2:]))
-                grown[:, : self.length] = old[:, : self.length]
-                buf[layer] = grown
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        T = k.shape[1]
-        self.k[layer][:, self.length : self.length + T] = k
-        self.v[layer][:, self.length : self.length + T] = v
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the rows `index` (beam bookkeeping, dropping finished rows)."""
-        self.k = [t[index] for t in self.k]
-        self.v = [t[index] for t in self.v]
-        self.seq_start = self.seq_start[index]
-        self.ntk_alphas = [self.ntk_alphas[i] for i in index.tolist()]
+    def inputs(self, positions: torch.Tensor, alphas: list, length: int, logn=None) -> RotaryInputs:
+        """Tables for `length` positions and where each token reads them. Rows with different NTK factors read one
+        stacked table (each alpha's block at its own offset), so the rotary kernel stays one launch."""
+        unique = sorted(set(alphas))
+        if len(unique) == 1:
+            cos, sin = self.tables(length, unique[0], positions.device)
+        else:
+            blocks = [self.tables(length, a, positions.device) for a in unique]
+            cos = torch.cat([c[:length] for c, _ in blocks])
+            sin = torch.cat([s[:length] for _, s in blocks])
+            offset = torch.tensor([unique.index(a) * length for a in alphas], device=positions.device)
+            positions = positions.expand(len(alphas), -1) + offset[:, None]
+        return RotaryInputs(cos, sin, positions if positions.shape[0] > 1 else positions[0], logn)
 
 
 class QWenAttention(nn.Module):
@@ -120,21 +120,20 @@ class QWenAttention(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=not config.no_bias)
         self.kernels = kernels
 
-    def forward(self, x, rope, layer_idx=0, cache: KVCache | None = None, seq_start=None, cu_seqlens=None,
-                max_seqlen=None):
-        """rope: (cos, sin, position_ids, logn) for these tokens; logn is None or `[B or 1, T, 1, 1]`."""
+    def forward(self, x, rope: RotaryInputs, layer_idx: int = 0, cache: KVCache | None = None, seq_start=None,
+                packing: Packing | None = None):
+        """x `[B, T, hidden]`; seq_start `[B]` each row's first real token (left padding) or None."""
         B, T, _ = x.shape
-        cos, sin, position_ids, logn = rope
         q, k, v = self.c_attn(x).split(self.hidden, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_heads, self.head_dim)
         v = v.view(B, T, self.n_heads, self.head_dim)
-        q, k = self.kernels.apply_rotary(q, k, cos, sin, position_ids)
-        if logn is not None:
-            q = q * logn.to(q.dtype)
-        if cu_seqlens is not None:  # packed sequences: [1, total] with boundaries in cu_seqlens
-            o = self.kernels.varlen_attention(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                              causal=True)[None]
+        q, k = self.kernels.apply_rotary(q, k, rope.cos, rope.sin, rope.positions)
+        if rope.logn is not None:
+            q = q * rope.logn.to(q.dtype)
+        if packing is not None:  # packed sequences: [1, total] with boundaries in cu_seqlens
+            cu, longest = packing
+            o = self.kernels.varlen_attention(q[0], k[0], v[0], cu, cu, longest, longest, causal=True)[None]
         elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.write(layer_idx, k, v)
@@ -173,7 +172,8 @@ class QWenBlock(nn.Module):
         self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon, kernels)
         self.mlp = QWenMLP(config, kernels)
 
-    def forward(self, h, rope, layer_idx=0, cache=None, seq_start=None, cu_seqlens=None, max_seqlen=None):
-        a = self.attn(self.ln_1(h), rope, layer_idx, cache, seq_start, cu_seqlens, max_seqlen)
+    def forward(self, h, rope: RotaryInputs, layer_idx: int = 0, cache: KVCache | None = None, seq_start=None,
+                packing: Packing | None = None):
+        a = self.attn(self.ln_1(h), rope, layer_idx, cache, seq_start, packing)
         normed, h = self.ln_2(a, residual=h)  # h + attn, then its norm, in one pass
         return h + self.mlp(normed)

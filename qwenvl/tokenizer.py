@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 import tiktoken
 import torch
 
+from .jsonfile import read_json_object
+
 # The pre-tokenization pattern of Qwen's tokenizer. Unlike GPT-4's cl100k pattern, digits are split one by one
 # (\p{N} without a repeat) and contractions are matched case-insensitively.
 QWEN_PATTERN = (
@@ -44,6 +46,8 @@ IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
 
 _HEAD_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
 _TAIL_SPECIALS = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
+# the only special tokens a chat turn's content may hold (the released IMAGE_ST): never the ChatML control tokens
+IMAGE_SPECIALS = frozenset(_TAIL_SPECIALS)
 RELEASED_N_EXTRA = 205          # <|extra_0|>..<|extra_204|> in the released tokenizer
 DEFAULT_N_IMAGE_TOKENS = 256    # the released adapter's 256 queries
 
@@ -170,11 +174,7 @@ class QwenVLTokenizer:
         cfg = {}
         cfg_path = os.path.join(folder, CONFIG_FILE)
         if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path} is not valid JSON ({e}); fix or delete it") from None
+            cfg = read_json_object(cfg_path)
         kind = cfg.get("kind", "tiktoken")
         n_img = n_image_tokens if n_image_tokens is not None else cfg.get("n_image_tokens", DEFAULT_N_IMAGE_TOKENS)
         if "image_start_id" in cfg:
@@ -217,8 +217,9 @@ class QwenVLTokenizer:
             try:
                 with open(cfg_path, encoding="utf-8") as f:
                     cfg = json.load(f)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 cfg = {}
+            cfg = cfg if isinstance(cfg, dict) else {}
         cfg.update(kind=self.kind, n_image_tokens=self.n_image_tokens, image_start_id=self.img_start_id)
         with open(cfg_path, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
@@ -241,15 +242,37 @@ class QwenVLTokenizer:
             )
         return [self.img_start_id, *data, *[self.img_pad_id] * (self.n_image_tokens - len(data)), self.img_end_id]
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text (NFC-normalized first); special tokens written in the text are honoured; no BOS/EOS."""
+    def encode(self, text: str, allowed_special="all") -> list[int]:
+        """Token ids of text (NFC-normalized first); no BOS/EOS.
+
+        allowed_special: "all" (every special token written in the text is one) or a collection of special-token
+        strings (the others are encoded as plain text, as the released tokenizer does): chat turns pass
+        IMAGE_SPECIALS, so a user's `<|im_end|>` stays text. `<img>path</img>` becomes an image span when `<img>` is
+        allowed.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}; for several texts use batch_encode")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"the text holds {text[e.start]!r} at position {e.start}, which is not a character: bytes that were "
+                f"not valid UTF-8 (read with errors='surrogateescape'); decode the input as UTF-8 or fix its bytes"
+            ) from None
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)}")
         text = unicodedata.normalize("NFC", text)
+        if IMG_START not in allowed:
+            return self._encode_text(text, allowed)
         ids: list[int] = []
         pos = 0
         for m in _IMG_SPAN.finditer(text):
-            ids += self._encode_text(text[pos:m.start()])
+            ids += self._encode_text(text[pos:m.start()], allowed)
             ids += self._encode_image(m.group(1))
             pos = m.end()
         rest = text[pos:]
@@ -257,10 +280,10 @@ class QwenVLTokenizer:
             # without its </img> the span has no end, and the model would not know where the image stops
             where = rest[rest.index(IMG_START):][:80]
             raise ValueError(f"unclosed image tag: {IMG_START} without {IMG_END} in {where!r}")
-        return ids + self._encode_text(rest)
+        return ids + self._encode_text(rest, allowed)
 
-    def _encode_text(self, text: str) -> list[int]:
-        return self._enc.encode(text, allowed_special="all", disallowed_special=()) if text else []
+    def _encode_text(self, text: str, allowed: set) -> list[int]:
+        return self._enc.encode(text, allowed_special=allowed, disallowed_special=()) if text else []
 
     def batch_encode(self, texts: Sequence[str], padding_side: str = "left", pad_id: int | None = None):
         """Encode and pad to one length: (input_ids LongTensor [B, T], attention_mask LongTensor [B, T]).
@@ -269,18 +292,22 @@ class QwenVLTokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("batch_encode expects a list of texts, got a single str; wrap it in a list or use encode")
+        return self.pad_rows([self.encode(t) for t in texts], padding_side, pad_id)
+
+    def pad_rows(self, rows: Sequence[Sequence[int]], padding_side: str = "left", pad_id: int | None = None):
+        """Rows of ids padded to one length: (input_ids LongTensor [B, T], attention_mask LongTensor [B, T])."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pad = self.eod_id if pad_id is None else int(pad_id)
-        rows = [self.encode(t) for t in texts]
+        rows = [list(r) for r in rows]
         if not rows:
-            raise ValueError("batch_encode got no texts")
+            raise ValueError("no rows to pad (got an empty list)")
+        if not all(rows):
+            raise ValueError(f"row {[len(r) for r in rows].index(0)} is empty: every prompt needs at least one token")
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            if not r:
-                continue
             sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
             ids[i, sl] = torch.tensor(r, dtype=torch.long)
             mask[i, sl] = 1
@@ -309,8 +336,13 @@ class QwenVLTokenizer:
         """Text of token ids. An image span becomes `<img>path</img>` (or nothing with show_images=False).
 
         skip_special_tokens drops every special token, as the official tokenizer does: an image span then leaves
-        only its path. Partial UTF-8 sequences (e.g. a stream cut inside a character) become U+FFFD.
+        only its path. Invalid UTF-8 (e.g. a stream cut inside a character) becomes U+FFFD with errors="replace";
+        to stream text without broken characters, feed `decode_bytes` to an incremental UTF-8 decoder.
         """
+        return self.decode_bytes(ids, skip_special_tokens, show_images).decode("utf-8", errors=errors)
+
+    def decode_bytes(self, ids, skip_special_tokens: bool = False, show_images: bool = True) -> bytes:
+        """The UTF-8 bytes `decode` decodes; the bytes of a prefix of ids are a prefix of these."""
         ids = _to_id_list(ids)
         self._check_ids(ids)
         out = bytearray()
@@ -346,7 +378,7 @@ class QwenVLTokenizer:
                 run.append(t)
             i += 1
         flush()
-        return out.decode("utf-8", errors=errors)
+        return bytes(out)
 
     def convert_ids_to_tokens(self, ids) -> list:
         """Each id's token: bytes for BPE tokens (they need not be valid UTF-8 alone), str for special tokens."""
@@ -354,11 +386,6 @@ class QwenVLTokenizer:
         self._check_ids(ids)
         return [self._special_bytes[i].decode("ascii") if i in self._special_bytes
                 else self._enc.decode_single_token_bytes(i) for i in ids]
-
-    def batch_decode(self, rows, **kwargs) -> list[str]:
-        if isinstance(rows, torch.Tensor) and rows.dim() == 2:
-            rows = list(rows)
-        return [self.decode(r, **kwargs) for r in rows]
 
     def image_paths(self, ids) -> list[str]:
         """Paths of the image spans in ids, in order; a 2-D tensor or a list of rows is read row by row."""
@@ -388,66 +415,8 @@ class QwenVLTokenizer:
     # --- prompts -----------------------------------------------------------------------------------------------
     @staticmethod
     def from_list_format(items: Iterable[dict]) -> str:
-        """The official prompt text of a list of {"image": path} / {"text": str} / {"box": .., "ref": ..} items.
+        """The official prompt text of a list of {"image": path} / {"text": str} / {"box": .., "ref": ..} items
+        (see `qwenvl.prompts.from_list_format`)."""
+        from .prompts import from_list_format
 
-        A box item takes one (x1, y1, x2, y2) box or a list of them, on the [0, 1000) grid.
-        """
-        text = ""
-        n_images = 0
-        for item in items:
-            if not isinstance(item, dict):
-                raise TypeError(f"each item must be a dict like {{'image': path}} or {{'text': str}}, got {item!r}")
-            keys = set(item)
-            if keys == {"image"}:
-                n_images += 1
-                text += f"Picture {n_images}: {IMG_START}{os.fspath(item['image'])}{IMG_END}\n"
-            elif keys == {"text"}:
-                text += str(item["text"])
-            elif keys in ({"box"}, {"box", "ref"}, {"ref"}):
-                if "ref" in item:
-                    text += f"{REF_START}{item['ref']}{REF_END}"
-                if "box" in item:
-                    boxes = item["box"]
-                    if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
-                        boxes = [boxes]
-                    for box in boxes:
-                        if len(box) != 4:
-                            raise ValueError(f"a box is (x1, y1, x2, y2), got {box!r}")
-                        x1, y1, x2, y2 = (int(v) for v in box)
-                        text += f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
-            else:
-                raise ValueError(
-                    f"unsupported item {item!r}: use one of {{'image': path}}, {{'text': str}}, "
-                    f"{{'box': (x1, y1, x2, y2)}} with an optional 'ref', or {{'ref': str}}"
-                )
-        return text
-
-    def chat_prompt(self, query: str, history=None, system: str = "You are a helpful assistant.",
-                    max_window_size: int | None = None) -> str:
-        """The ChatML prompt of Qwen-VL-Chat, ending with `<|im_start|>assistant\\n` for the model to continue.
-
-        history is a list of (query, response) pairs, oldest first. With max_window_size (the official default is
-        6144 tokens), the oldest turns are dropped, as the official code does, once the history would exceed it.
-        """
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str (use from_list_format for images), got {type(query).__name__}")
-
-        def block(role, content):
-            return f"{IM_START}{role}\n{content}{IM_END}"
-
-        turns = []
-        for n, turn in enumerate(history or []):
-            if not isinstance(turn, (list, tuple)) or len(turn) != 2:
-                raise ValueError(f"history[{n}] must be a (query, response) pair, got {turn!r}")
-            turns.append("\n" + block("user", turn[0]) + "\n" + block("assistant", turn[1]))
-        head = block("system", system)
-        if max_window_size is not None:
-            # newest turns first, stopping at the first one that no longer fits (the official order)
-            kept, size = [], len(self.encode(head))
-            for t in reversed(turns):
-                size += len(self.encode(t))
-                if size >= max_window_size:
-                    break
-                kept.append(t)
-            turns = kept[::-1]
-        return head + "".join(turns) + "\n" + block("user", query) + f"\n{IM_START}assistant\n"
+        return from_list_format(items)

@@ -1,15 +1,20 @@
-"""A mini training run with kernels="triton" (interpreter on CPU) and kernels="torch": 30 AdamW steps of the tiny
-model (both towers, the adapter, the fused loss) from the same initialization on the same batches. Per-step losses
-must agree within 1e-4 relative (fp32 round-off compounds through 30 updates) and the final parameters within 1e-3."""
+"""A mini training run with kernels="triton" and kernels="torch" (on CUDA when present, else on the CPU with the
+Triton interpreter): 30 AdamW steps of the tiny model (both towers, the adapter, the fused loss) from the same
+initialization on the same batches. Per-step losses must agree within 1e-4 relative (fp32 round-off compounds
+through 30 updates) and the final parameters within 1e-3."""
+import pytest
 import torch
 
 from qwenvl import QwenVL, QwenVLConfig
+from tests.helpers import DEVICE
+
+pytestmark = pytest.mark.triton
 
 STEPS = 30
 
 
 def run(kernels, cfg, init, batches):
-    model = QwenVL(cfg, kernels=kernels)
+    model = QwenVL(cfg, kernels=kernels).to(DEVICE)
     model.load_state_dict(init)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.98),
@@ -37,7 +42,7 @@ def test_thirty_steps_triton_vs_torch():
     ids = torch.cat([span[None].expand(2, -1), text], 1)
     labels = ids.clone()
     labels[:, : span.numel()] = -100
-    batches = [(ids, labels, pix)] * STEPS
+    batches = [(ids.to(DEVICE), labels.to(DEVICE), pix.to(DEVICE))] * STEPS
     ref_losses, ref_state = run("torch", cfg, init, batches)
     tri_losses, tri_state = run("triton", cfg, init, batches)
     assert ref_losses[-1] < 0.5 * ref_losses[0], "the mini model did not learn: the comparison would be vacuous"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -108,3 +110,113 @@ def test_cli_init_then_generate_end_to_end(tmp_path, capsys, monkeypatch):
                    "--max-new-tokens", "4", "--kernels", "torch", "--device", "cpu", "--draw", str(tmp_path / "g.png")])
     assert rc == 0
     assert capsys.readouterr().out.endswith("\n")  # the answer was printed (a random model's text is arbitrary)
+
+
+def test_streaming_never_prints_a_broken_character(model, tok, monkeypatch):
+    """A multi-byte character split across byte-level tokens is held back until complete, never shown as U+FFFD."""
+    import qwenvl.generation as generation
+
+    text = "naïve 中文 ok"
+    ids = list(text.encode("utf-8")) + [tok.im_end_id]
+
+    def fake_steps(*args, **kwargs):
+        return iter(torch.tensor([t]) for t in ids)
+
+    monkeypatch.setattr(generation, "generate_steps", fake_steps)
+    streamed = list(chat_stream(model, tok, "hi", max_new_tokens=len(ids)))
+    assert streamed[-1] == text
+    assert all("\ufffd" not in s for s in streamed)
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))
+    # invalid bytes become U+FFFD once they cannot be completed, and a cut-off character at the end is flushed
+    stream = generation.TextStream(tok)
+    assert stream.push([0xE4, 0xB8]) == ""
+    assert stream.push([0xAD]) == "中"
+    assert stream.push([0xFF, ord("a")]) == "\ufffda"
+    assert stream.push([0xE4]) == "" and stream.close() == "\ufffd"
+
+
+def _init(tmp_path):
+    ckpt = tmp_path / "tiny"
+    assert cli_main(["init", "--model", "tiny", "--out", str(ckpt)]) == 0
+    return ckpt
+
+
+def test_cli_chat_survives_bad_lines_and_keeps_history(tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = _init(tmp_path)
+    Image.new("RGB", (30, 30), (255, 0, 0)).save("r.png")
+    lines = b"hello\n\xff\xfe broken\n:image nope.png\n:image r.png\nwhat is it?\n:quit\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines)))
+    seen = []
+    import qwenvl.generation as generation
+
+    real = generation.chat_stream
+
+    def spy(model, tok, query, history=None, **kw):
+        seen.append((query, list(history)))
+        yield from real(model, tok, query, history=history, **kw)
+
+    monkeypatch.setattr(generation, "chat_stream", spy)
+    rc = cli_main(["chat", "--checkpoint", str(ckpt), "--kernels", "torch", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "not UTF-8" in err and "image file not found: nope.png" in err
+    assert len(seen) == 2 and seen[1][0].startswith("Picture 1: <img>r.png</img>\n")
+    assert len(seen[1][1]) == 1 and seen[1][1][0][0] == "hello"  # the session kept its history
+
+
+def test_cli_init_force_replaces_the_model_and_files_get_the_umask(tmp_path, capsys):
+    ckpt = _init(tmp_path)
+    (ckpt / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (ckpt / "notes.txt").write_text("mine")
+    assert cli_main(["init", "--model", "tiny", "--out", str(ckpt)]) == 2
+    assert cli_main(["init", "--model", "tiny", "--out", str(ckpt), "--force", "--seed", "1"]) == 0
+    names = set(os.listdir(ckpt))
+    assert "model-00001-of-00002.safetensors" not in names and "notes.txt" in names
+    QwenVL.from_pretrained(str(ckpt), kernels="torch")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(ckpt / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_cli_generate_does_not_draw_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    import qwenvl.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = _init(tmp_path)
+    Image.new("RGB", (30, 30), (0, 0, 255)).save("b.png")
+    monkeypatch.setattr(cli, "_load_model", lambda args: _Canned())
+    monkeypatch.setattr("qwenvl.generation.generate", _canned_generate)
+    assert cli_main(["generate", "--checkpoint", str(ckpt), "--image", "b.png", "--prompt", "where?",
+                     "--kernels", "torch", "--format", "raw"]) == 0
+    assert "pass --draw" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["b.png", "tiny"]
+    assert cli_main(["generate", "--checkpoint", str(ckpt), "--image", "b.png", "--prompt", "where?",
+                     "--kernels", "torch", "--format", "raw", "--draw", str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").is_file()
+
+
+class _Canned(torch.nn.Module):
+    """A stand-in model whose raw-format answer is a box: `generate` is what the command calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = QwenVLConfig.from_name("tiny")
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+
+def _canned_generate(model, ids, **kwargs):
+    answer = list(b"<box>(0,0),(500,500)</box>")
+    return torch.cat([ids, torch.tensor([answer])], 1)

@@ -1,10 +1,12 @@
-"""The tiny model with kernels="triton" (Triton interpreter on CPU) against kernels="torch": logits, loss, the KV-cache
-path, and the gradient of every parameter."""
+"""The tiny model with kernels="triton" against kernels="torch" (on CUDA when present, else on the CPU with the
+Triton interpreter): logits, loss, the KV-cache path, and the gradient of every parameter."""
 import pytest
 import torch
 
 from qwenvl import QwenVL, QwenVLConfig
-from tests.helpers import assert_close
+from tests.helpers import DEVICE, assert_close
+
+pytestmark = pytest.mark.triton
 
 
 def span(cfg):
@@ -16,8 +18,8 @@ def span(cfg):
 def pair():
     torch.manual_seed(0)
     cfg = QwenVLConfig.from_name("tiny").replace(text=dict(seq_length=48), vision=dict(image_size=56))
-    ref = QwenVL(cfg, kernels="torch")
-    tri = QwenVL(cfg, kernels="triton")
+    ref = QwenVL(cfg, kernels="torch").to(DEVICE)
+    tri = QwenVL(cfg, kernels="triton").to(DEVICE)
     tri.load_state_dict(ref.state_dict())
     return ref, tri
 
@@ -29,7 +31,7 @@ def batch(cfg):
     ids[1, -9:] = torch.randint(0, 256, (9,), generator=g)
     labels = ids.clone()
     labels[:, :4] = -100
-    return ids, labels, torch.randn(2, 3, 56, 56, generator=g)
+    return ids.to(DEVICE), labels.to(DEVICE), torch.randn(2, 3, 56, 56, generator=g).to(DEVICE)
 
 
 def test_logits_and_cached_decoding_match(pair):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from qwenvl.drawing import BOX_COLORS, draw_boxes
 from qwenvl.processing import (
-    BOX_COLORS, CLIP_MEAN, CLIP_STD, box_iou, denormalize_box, draw_boxes, format_box, format_ref, images_for,
-    load_image, load_images, normalize_box, parse_grounding,
+    CLIP_MEAN, CLIP_STD, box_iou, denormalize_box, format_box, format_ref, images_for, load_image, load_images,
+    normalize_box, parse_grounding,
 )
 from qwenvl.tokenizer import QwenVLTokenizer
 
@@ -59,6 +60,18 @@ def test_mode_conversions(tmp_path):
     solid(5, mode="P").save(p)
     assert load_image(p, 3).shape == (3, 3, 3)
     assert load_image(str(p), 3).shape == (3, 3, 3)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    # a 16-bit PNG opens as mode "I;16"; Pillow's own convert("RGB") clips it to white
+    values = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16)
+    p = tmp_path / "g16.png"
+    Image.fromarray(values).save(p)
+    with Image.open(p) as img:
+        assert img.mode.startswith("I;16")
+    eight = Image.fromarray(np.array([[0, 64], [128, 255]], dtype=np.uint8)).convert("RGB")
+    torch.testing.assert_close(load_image(p, 2), load_image(eight, 2))
+    torch.testing.assert_close(load_image(Image.open(p), 2), load_image(eight, 2))
 
 
 def test_url_refused():
@@ -179,8 +192,8 @@ def test_draw_boxes(tmp_path):
     with Image.open(out) as saved:
         assert saved.format == "PNG" and saved.size == (200, 100)
         saved = saved.convert("RGB")
-        # the first box is (50, 20)-(150, 80) in pixels: its left and bottom edges carry the first colour
-        assert saved.getpixel((50, 60)) == BOX_COLORS[0]
+        # the first box is (50, 20)-(150, 80) in pixels: its left and bottom edges carry the first colour, 2 px wide
+        assert saved.getpixel((50, 60)) == saved.getpixel((51, 60)) == BOX_COLORS[0]
         assert saved.getpixel((100, 79)) == BOX_COLORS[0]
         assert saved.getpixel((100, 50)) == (255, 255, 255)       # inside stays untouched
         assert saved.getpixel((0, 5)) == BOX_COLORS[1]
@@ -189,3 +202,21 @@ def test_draw_boxes(tmp_path):
         assert original.convert("RGB").getpixel((50, 60)) == (255, 255, 255)   # drawn on a copy
     with pytest.raises(ValueError, match="boxes"):
         draw_boxes(img, [{"ref": "x"}], tmp_path / "x.png")
+
+
+def test_drawn_boxes_are_visible_at_any_size(tmp_path):
+    """Lines scale with the picture, a box on a shape of its own colour keeps a contrasting halo, labels stay
+    inside the picture, and a title band shows the question."""
+    big = Image.new("RGB", (1200, 900), BOX_COLORS[0])  # the whole picture is the first box's colour
+    drawn = draw_boxes(big, [{"ref": "a long label that would not fit", "boxes": [(900, 0, 999, 500)]}],
+                       tmp_path / "big.png")
+    x1 = round(900 / 1000 * 1200)
+    line = round(900 / 150)
+    assert all(drawn.getpixel((x1 + k, 300)) == BOX_COLORS[0] for k in range(line))
+    halo = [drawn.getpixel((x1 - 1, 300)), drawn.getpixel((x1 + line, 300))]
+    assert all(p in ((0, 0, 0), (255, 255, 255)) for p in halo), halo
+    assert drawn.getpixel((1199, 5)) != BOX_COLORS[0]  # the label was shifted left to stay in the picture
+    titled = draw_boxes(Image.new("RGB", (100, 100), "white"), [{"ref": None, "boxes": [(0, 0, 500, 500)]}],
+                        tmp_path / "t.png", title="Where is the red circle?")
+    assert titled.size[0] == 100 and titled.size[1] > 100  # a band above the picture
+    assert any(sum(titled.getpixel((x, y))) < 200 for x in range(100) for y in range(titled.size[1] - 100))

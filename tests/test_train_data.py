@@ -7,7 +7,9 @@ from PIL import Image
 
 from qwenvl.tokenizer import QwenVLTokenizer
 from qwenvl.train.data import Examples, PlanSpec, collate, count_targets, plan
-from qwenvl.train.formatting import IGNORE, MalformedRecord, encode, prompt
+from qwenvl.inputs import IGNORE_INDEX as IGNORE
+from qwenvl.train.formatting import MalformedRecord, encode, prompt
+from qwenvl.tokenizer import IMAGE_SPECIALS
 from qwenvl.train.sources import FileSource, SyntheticSource
 from qwenvl.train.synthetic import KINDS, SyntheticTasks, parse_mix
 
@@ -41,8 +43,8 @@ def test_chatml_masks_everything_but_the_replies():
     ids, labels = encode(CONV, TOK, "chatml", system="You are a helpful assistant.")
     assert _targets(ids, labels) == ["A cat.<|im_end|>", "<ref>the cat</ref><box>(1,2),(3,4)</box><|im_end|>"]
     # the text is exactly the inference prompt of the last turn followed by the reply
-    text, reference = prompt(CONV, TOK, "chatml", system="You are a helpful assistant.")
-    assert TOK.encode(text) + TOK.encode(reference + "<|im_end|>") == ids
+    prompt_ids, reference = prompt(CONV, TOK, "chatml", system="You are a helpful assistant.")
+    assert prompt_ids + TOK.encode(reference, allowed_special=IMAGE_SPECIALS) + [TOK.im_end_id] == ids
     assert reference == CONV["conversations"][-1]["value"]
     # the image span is in the input, never a target
     start = ids.index(TOK.img_start_id)
@@ -123,7 +125,7 @@ def test_unreadable_image_in_a_worker_is_reported(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
     ex = Examples(FileSource(path), TOK, "chatml", "", 28, 512, bad="skip")
     batch = collate([ex.load(0)], TOK.eod_id, 28)
-    assert batch["input_ids"] is None and batch["skipped"][0][0] == "good"
+    assert batch.empty and batch.skipped[0][0] == "good"
     ex.bad = "error"
     with pytest.raises(MalformedRecord, match="cannot load its image"):
         ex.load(0)
@@ -163,12 +165,12 @@ def test_collate_padding_and_packing_agree_on_targets():
     items = [ex.load(i) for i in range(3)]
     padded = collate(items, TOK.eod_id, 28)
     packed = collate(items, TOK.eod_id, 28, pack=True)
-    assert padded["n_targets"] == packed["n_targets"] == sum(sum(lab != IGNORE for lab in it[1]) for it in items)
-    assert packed["input_ids"].shape == (1, sum(len(it[0]) for it in items))
-    assert packed["cu_seqlens"].tolist() == [0, len(items[0][0]), len(items[0][0]) + len(items[1][0]),
-                                             packed["input_ids"].shape[1]]
-    assert padded["pixel_values"].shape == (3, 3, 28, 28)
-    assert count_targets(padded["labels"]) == padded["n_targets"]
+    assert padded.n_targets == packed.n_targets == sum(sum(lab != IGNORE for lab in it[1]) for it in items)
+    assert packed.input_ids.shape == (1, sum(len(it[0]) for it in items))
+    assert packed.cu_seqlens.tolist() == [0, len(items[0][0]), len(items[0][0]) + len(items[1][0]),
+                                             packed.input_ids.shape[1]]
+    assert padded.pixel_values.shape == (3, 3, 28, 28)
+    assert count_targets(padded.labels) == padded.n_targets
 
 
 def test_packed_loss_equals_padded_loss():
@@ -183,9 +185,9 @@ def test_packed_loss_equals_padded_loss():
     padded = collate(items, TOK.eod_id, 28)
     packed = collate(items, TOK.eod_id, 28, pack=True)
     with torch.no_grad():
-        a = model(padded["input_ids"], pixel_values=padded["pixel_values"], labels=padded["labels"]).loss
-        b = model(packed["input_ids"], pixel_values=packed["pixel_values"], labels=packed["labels"],
-                  cu_seqlens=packed["cu_seqlens"]).loss
+        a = model(padded.input_ids, pixel_values=padded.pixel_values, labels=padded.labels).loss
+        b = model(packed.input_ids, pixel_values=packed.pixel_values, labels=packed.labels,
+                  cu_seqlens=packed.cu_seqlens).loss
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

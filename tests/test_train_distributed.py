@@ -70,7 +70,7 @@ def test_cli_end_to_end(tmp_path, small_model, capsys):
     printed = capsys.readouterr().out
     assert "grounding" in printed and "baseline" in printed
     for name in ("metrics.jsonl", "loss.png", "run.json", "eval/report.json", "stage2/final/model.safetensors",
-                 "stage2/checkpoint-000002/optimizer.pt"):
+                 "stage2/checkpoint-000002/optimizer.safetensors"):
         assert (out / name).exists(), name
     assert list((out / "eval").glob("boxes_*.png"))
     # a finished stage is skipped on --resume; a run folder is never overwritten without it

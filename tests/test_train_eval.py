@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from qwenvl.train import scoring
-from qwenvl.train.evaluate import draw, question_of, report, run
+from qwenvl.evaluation import scoring
+from qwenvl.evaluation.answers import question_of, run
+from qwenvl.evaluation.report import draw, table, write
 from qwenvl.train.sources import SyntheticSource
 from qwenvl.train.synthetic import SyntheticTasks
 
@@ -79,7 +80,7 @@ def test_summary_and_table():
     assert s["grounding"] == {"n": 2, "accuracy": 0.5, "baseline_accuracy": 0.5, "mean_iou": 0.5,
                               "baseline_mean_iou": 0.35}
     assert s["vqa"]["accuracy"] == 1.0
-    text = scoring.table(s)
+    text = table(s)
     assert "acc@IoU>=0.5" in text and "grounding" in text
 
 
@@ -100,6 +101,6 @@ def test_evaluation_run_writes_report_and_pngs(tmp_path):
     assert len(results) == 6 and all("prediction" in r and "baseline_correct" in r for r in results)
     pngs = draw(results, source, str(tmp_path), n=2)
     assert len(pngs) == min(2, sum(r["kind"] == "grounding" for r in results))
-    summary = report(results, str(tmp_path))
+    summary = write(results, str(tmp_path))
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["summary"] == summary and len(doc["predictions"]) == 6

@@ -65,19 +65,19 @@ def test_accumulation_equals_one_large_batch():
 
     def grads(batches):
         model = make()
-        n_total = sum(b["n_targets"] for b in batches)
+        n_total = sum(b.n_targets for b in batches)
         total = 0.0
         for b in batches:
-            out = model(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"])
-            (out.loss * b["n_targets"] / n_total).backward()
-            total += float(out.loss.detach()) * b["n_targets"] / n_total
+            out = model(b.input_ids, pixel_values=b.pixel_values, labels=b.labels)
+            (out.loss * b.n_targets / n_total).backward()
+            total += float(out.loss.detach()) * b.n_targets / n_total
         return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     load = lambda idx: collate([ex.load(i) for i in idx], tok.eod_id, 56)  # noqa: E731
     one_loss, one = grads([load(big)])
     two_loss, two = grads([load(small[0]), load(small[1])])
     micro = [load(s) for s in small]
-    assert micro[0]["n_targets"] != micro[1]["n_targets"], "unequal token counts make the test meaningful"
+    assert micro[0].n_targets != micro[1].n_targets, "unequal token counts make the test meaningful"
     assert abs(one_loss - two_loss) <= 1e-6 * one_loss  # 1e-6 relative: float32 round-off of a ~6.0 loss
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-6, rtol=1e-5), name
@@ -115,8 +115,8 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_checkpoint_is_a_loadable_model_folder(tmp_path):
     model, _ = run(tmp_path, "m", steps=1, stage=3)
     final = tmp_path / "m" / "stage3" / "final"
-    for name in ("config.json", "model.safetensors", "qwen.tiktoken", "tokenizer_config.json", "optimizer.pt",
-                 "rng.pt", "trainer_state.json"):
+    for name in ("config.json", "model.safetensors", "qwen.tiktoken", "tokenizer_config.json",
+                 "optimizer.safetensors", "rng.safetensors", "trainer_state.json"):
         assert (final / name).is_file(), name
     loaded = QwenVL.from_pretrained(str(final), dtype=torch.float32, kernels="torch")
     for (n, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):

@@ -1,7 +1,7 @@
-"""`qwenvl train` and `qwenvl eval`: argument parsing, logging, the process group, exit codes.
+"""`qwenvl train` and `qwenvl eval`: argument parsing into a `Job`, logging, threads, the process group, exit codes.
 
 `main_train(argv)` and `main_eval(argv)` take the arguments after the sub-command and return an exit code:
-0 success, 2 bad input (arguments, data, checkpoints; the message says what to fix).
+0 success, 2 bad input (arguments, data, checkpoints; one line that says what to fix).
 """
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import os
 import sys
 import time
 
-from .formatting import MalformedRecord
+from ..cli import Parser, run_command
+from .job import DEFAULT_OUT, EvalSpec, Job, Scenes
 
 log = logging.getLogger("qwenvl.train")
-
-DEFAULT_OUT = os.path.join("runs", "qwenvl-demo")
 
 
 def _stages(text: str) -> list[int]:
@@ -54,6 +53,23 @@ def _non_negative(text):
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
+
+
+def _parts(text):
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    if not parts or parts - {"vit", "adapter", "llm"}:
+        raise argparse.ArgumentTypeError(f"--train takes parts among vit, adapter, llm such as vit,adapter (got {text!r})")
+    return parts
+
+
+def _mix(text):
+    from .synthetic import parse_mix
+
+    try:
+        parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,7 +111,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwenvl train",
         description="Train Qwen-VL with the paper's three-stage recipe. With no arguments: a small model from "
                     "scratch through stages 1, 2 and 3 on the built-in synthetic set, then its evaluation.")
@@ -122,8 +138,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (<= 0: no clipping)")
     g.add_argument("--vit-lr-decay", type=_positive(float), help="layer-wise learning-rate decay of the ViT")
     g.add_argument("--image-size", type=_positive(int), help="input resolution (default: 224/448 or half/full)")
-    g.add_argument("--train", default=None, help="parts that train, e.g. vit,adapter (default: the stage's)")
-    g.add_argument("--mix", default=None, help="synthetic task mix, e.g. grounding=4,vqa=1 (default: the stage's)")
+    g.add_argument("--train", type=_parts, default=None, help="parts that train, e.g. vit,adapter (default: the stage's)")
+    g.add_argument("--mix", type=_mix, default=None,
+                   help="synthetic task mix, e.g. grounding=4,vqa=1 (default: the stage's)")
     d = p.add_argument_group("data")
     d.add_argument("--max-len", type=_positive(int), default=2048, help="longest example in tokens; longer ones are "
                    "malformed (never truncated)")
@@ -132,7 +149,8 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--pack-tokens", type=_non_negative, default=0,
                    help="pack examples into rows of this many tokens (cu_seqlens) instead of padding")
     d.add_argument("--bucket-pool", type=_positive(int), default=8,
-                   help="global batches sorted by length together (1: no bucketing)")
+                   help="global batches sorted by length together (1: no bucketing); capped to the data set, and a "
+                        "record never appears twice in one step")
     d.add_argument("--workers", type=_non_negative, default=1, help="DataLoader worker processes")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save-every", type=_non_negative, default=500,
@@ -143,7 +161,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwenvl eval",
         description="Evaluate a checkpoint: grounding accuracy at IoU >= 0.5, exact match for VQA, captions and OCR, "
                     "beside a trivial baseline (the mean box, the most common answer) measured in the same run.")
@@ -194,52 +212,79 @@ def _threads(n: int) -> None:
     log.info("torch uses %d CPU thread(s)", n)
 
 
-def main_train(argv: list[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
-    from . import distributed, pipeline
-    from .run_eval import evaluate_run
+def _job(args, training: bool) -> Job:
+    """The one place argparse's Namespace becomes the library's Job."""
+    evaluation = EvalSpec(samples=args.eval_samples, data=args.eval_data, batch_size=args.eval_batch_size,
+                          max_new_tokens=args.max_new_tokens, draw=args.draw,
+                          image_size=None if training else args.image_size, out=None if training else args.out)
+    job = Job(model=args.model, tokenizer=args.tokenizer, data=args.data, image_root=args.image_root,
+              kernels=args.kernels, device=args.device, dtype=args.dtype, system=args.system, style=args.style,
+              seed=args.seed, progress=not args.quiet, eval=evaluation,
+              scenes=Scenes(canvas=args.canvas, snap=args.snap, sizes=tuple(args.sizes), max_things=args.max_things))
+    if not training:
+        return job
+    train = args.train
+    betas = None
+    if args.beta1 is not None or args.beta2 is not None:
+        betas = (args.beta1 if args.beta1 is not None else 0.9, args.beta2 if args.beta2 is not None else 0.98)
+    job.recipe = dict(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, steps=args.steps,
+                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, eps=args.eps, betas=betas,
+                      vit_lr_decay=args.vit_lr_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      image_size=args.image_size, style=args.style, mix=args.mix,
+                      train_vit=None if train is None else "vit" in train,
+                      train_adapter=None if train is None else "adapter" in train,
+                      train_llm=None if train is None else "llm" in train)
+    for name in ("stages", "out", "resume", "strategy", "grad_checkpointing", "max_len", "bad_records",
+                 "pack_tokens", "bucket_pool", "workers", "save_every", "keep"):
+        setattr(job, name, getattr(args, name))
+    return job
 
-    rank = int(os.environ.get("RANK", "0"))
-    _setup_logging(rank != 0)
-    _threads(args.threads)
+
+def _train(job: Job) -> int:
+    from . import distributed, pipeline
+    from ..evaluation.command import evaluate_run
+
     t0 = time.perf_counter()
     d = None
     try:
-        d = distributed.setup(args.strategy, args.device)
-        result = pipeline.run(args, d)
+        d = distributed.setup(job.strategy, job.device)
+        result = pipeline.run(job, d)
         if d.main:
             print(f"training done in {result['train_seconds']:.0f} s; final model: {result['final_model']}")
             for stage, s in result.get("loss_summary", {}).items():
-                print(f"  stage {stage}: {s['steps']} steps, loss {s['loss_start']:.3f} -> {s['loss_end']:.3f}, "
-                      f"{s['tokens']:,} tokens, {s['seconds']:.0f} s")
-            want_eval = args.eval_samples > 0 or args.eval_data
-            if want_eval:
-                evaluate_run(args, result["final_model"], os.path.join(args.out, "eval"),
-                             demo_note=args.data == "synthetic")
-            print(f"total {time.perf_counter() - t0:.0f} s; metrics {os.path.join(args.out, 'metrics.jsonl')}, "
-                  f"loss curve {os.path.join(args.out, 'loss.png')}")
+                print(f"  stage {stage}: {s['line']}")
+            if job.eval.samples > 0 or job.eval.data:
+                evaluate_run(job, result["final_model"], os.path.join(job.out, "eval"),
+                             demo_note=job.data == "synthetic")
+            print(f"total {time.perf_counter() - t0:.0f} s; metrics {os.path.join(job.out, 'metrics.jsonl')}, "
+                  f"loss curve {os.path.join(job.out, 'loss.png')}")
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, MalformedRecord) as e:
-        print(f"qwenvl train: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if d is not None:
             distributed.teardown(d)
 
 
+def main_train(argv: list[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank != 0)
+    _threads(args.threads)
+    return run_command("qwenvl train", _train, _job(args, training=True))
+
+
+def _eval(job: Job) -> int:
+    from ..evaluation.command import evaluate_run
+
+    out = job.eval.out or os.path.join(job.model if os.path.isdir(job.model) else ".", "eval")
+    evaluate_run(job, job.model, out)
+    return 0
+
+
 def main_eval(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
-    from .run_eval import evaluate_run
-
     _setup_logging(False)
     _threads(args.threads)
-    try:
-        out = args.out or os.path.join(args.model if os.path.isdir(args.model) else ".", "eval")
-        summary = evaluate_run(args, args.model, out)
-        return 0 if summary is not None else 2
-    except (ValueError, FileNotFoundError, MalformedRecord) as e:
-        print(f"qwenvl eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("qwenvl eval", _eval, _job(args, training=False))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,19 +7,22 @@ row up to a token budget, trained through the model's cu_seqlens path) so that l
 
 A global step holds `batch_size * grad_accum * world` examples; it is split into `grad_accum * world` micro-batches
 of neighbouring lengths, micro-batch m going to rank m % world. The same global batch is therefore seen whatever the
-split between ranks and accumulation steps, which is what makes those runs comparable.
+split between ranks and accumulation steps, which is what makes those runs comparable. A bucketing pool never holds
+a record twice (it is capped to the data set and skips a record's next-epoch copy), so a step never trains on two
+copies of one record, however small the data set.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..inputs import IGNORE_INDEX, next_token_targets
 from ..processing import load_image
-from .formatting import IGNORE, MalformedRecord, encode, record_id
+from .formatting import MalformedRecord, encode, record_id
 
 log = logging.getLogger("qwenvl.train")
 
@@ -50,13 +53,13 @@ class Examples:
             except MalformedRecord as e:
                 problems.append((e.record_id, e.reason))
         if problems:
-            listing = "\n".join(f"  {rid}: {reason}" for rid, reason in problems[:50])
-            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+            listing = "; ".join(f"{rid}: {reason}" for rid, reason in problems[:20])
+            more = f"; ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             if self.bad == "error":
                 raise MalformedRecord(
                     problems[0][0],
-                    f"{len(problems)} malformed record(s) of {len(self.source)}:\n{listing}{more}\n"
-                    f"fix them, or pass --bad-records skip to train without them",
+                    f"{len(problems)} malformed record(s) of {len(self.source)}: {listing}{more} (fix them, or pass "
+                    f"--bad-records skip to train without them)",
                 )
             for rid, reason in problems:
                 log.warning("skipping malformed record %s: %s", rid, reason)
@@ -135,25 +138,57 @@ def _order(n: int, spec: PlanSpec):
         yield from idx
 
 
+def check_plan(n_records: int, spec: PlanSpec) -> None:
+    """Refuse a data set that cannot fill one global step with distinct records."""
+    _pool_size(n_records, spec)
+
+
+def _pool_size(n_records: int, spec: PlanSpec) -> int:
+    """Examples drawn per pool: `pool` global batches' worth, but never more distinct records than there are."""
+    if spec.pack_tokens:
+        # enough examples to fill the pool's rows on average
+        want = spec.pool * spec.micro_per_step * max(1, spec.pack_tokens // 64)
+        return max(1, min(want, n_records))
+    step = spec.micro_per_step * spec.batch_size
+    if n_records < step:
+        raise ValueError(
+            f"the data set has {n_records} trainable record(s), fewer than one global batch of {step} (batch size "
+            f"{spec.batch_size} x {spec.grad_accum} accumulation step(s) x {spec.world} rank(s)): a step would hold "
+            f"copies of one record; lower --batch-size or --grad-accum"
+        )
+    return step * max(1, min(spec.pool, n_records // step))
+
+
+def _draw_pool(stream, carry: list, size: int) -> tuple[list, list]:
+    """(pool, deferred): `size` distinct records, the carried ones first; a record already in the pool (its copy
+    from the next epoch) is deferred to the next pool instead."""
+    pool, seen, deferred = [], set(), []
+    for i in itertools.chain(carry, stream):
+        if i in seen:
+            deferred.append(i)
+        else:
+            pool.append(i)
+            seen.add(i)
+        if len(pool) == size:
+            return pool, deferred
+    return pool, deferred
+
+
 def _global_steps(examples: Examples, spec: PlanSpec):
     """Endless stream of global steps, each a list of micro_per_step micro-batches (lists of source indices)."""
-    stream = _order(len(examples), spec)
+    stream = (examples.index(k) for k in _order(len(examples), spec))
     n_micro = spec.micro_per_step
+    size = _pool_size(len(examples), spec)
     carry: list[int] = []
     for pool_no in itertools.count():
-        if spec.pack_tokens:
-            # enough examples to fill the pool's rows on average
-            take = spec.pool * n_micro * max(1, spec.pack_tokens // 64)
-        else:
-            take = spec.pool * n_micro * spec.batch_size
-        pool = carry + [examples.index(k) for k in itertools.islice(stream, take)]
+        pool, carry = _draw_pool(stream, carry, size)
         pool.sort(key=examples.length)  # stable: equal lengths keep the stream's order
         if spec.pack_tokens:
             rows = _pack(pool, examples.length, spec.pack_tokens)
             # the last row is rarely full, and rows short of a whole step cannot be used yet: both go back into
             # the next pool, so no example is lost and no step trains on a half-empty row
             usable = (len(rows) - 1) // n_micro * n_micro
-            carry = [i for row in rows[usable:] for i in row]
+            carry = [i for row in rows[usable:] for i in row] + carry
             micro = rows[:usable]
         else:
             micro = [pool[k:k + spec.batch_size] for k in range(0, len(pool), spec.batch_size)]
@@ -190,39 +225,62 @@ def plan(examples: Examples, spec: PlanSpec, steps: int, rank: int = 0) -> list[
 
 
 # --- collation -----------------------------------------------------------------------------------------------
-def count_targets(labels: torch.Tensor) -> int:
-    """Target tokens the model's loss averages over: labels are shifted inside the model, so column 0 never counts."""
-    return int((labels[:, 1:] != IGNORE).sum())
+def count_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> int:
+    """Target tokens the model's loss averages over (the model's own shift rule, `next_token_targets`)."""
+    return int((next_token_targets(labels, cu_seqlens) != IGNORE_INDEX).sum())
 
 
-def collate(items, pad_id: int, image_size: int, pack: bool = False) -> dict:
-    """Loaded examples -> model inputs. Padding: right-padded rows (causal attention makes a mask unnecessary).
+@dataclass
+class Batch:
+    """One micro-batch, collated: model inputs, the counts the loss weighting needs, and what was skipped."""
+
+    input_ids: torch.Tensor | None          # [B, T] right-padded, or [1, total] packed; None: every record dropped
+    labels: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None   # packed rows only
+    n_targets: int = 0
+    n_tokens: int = 0
+    ids: list = field(default_factory=list)       # record ids, for messages
+    skipped: list = field(default_factory=list)   # (record id, reason) of malformed records dropped (skip mode)
+
+    @property
+    def empty(self) -> bool:
+        return self.input_ids is None
+
+    def model_inputs(self, device) -> dict:
+        kw = {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device)}
+        if self.pixel_values is not None:
+            kw["pixel_values"] = self.pixel_values.to(device)
+        if self.cu_seqlens is not None:
+            kw["cu_seqlens"] = self.cu_seqlens.to(device)
+        return kw
+
+
+def collate(items, pad_id: int, image_size: int, pack: bool = False) -> Batch:
+    """Loaded examples -> a Batch. Padding: right-padded rows (causal attention makes a mask unnecessary).
     Packing: one row with `cu_seqlens`, each example's first label ignored so nothing crosses a boundary."""
     skipped = [(e.record_id, e.reason) for e in items if isinstance(e, MalformedRecord)]
     items = [e for e in items if not isinstance(e, MalformedRecord)]
-    out = {"skipped": skipped, "ids": [e[3] for e in items]}
     if not items:
-        out.update(input_ids=None, n_targets=0, n_tokens=0)
-        return out
+        return Batch(input_ids=None, skipped=skipped)
     pixels = [e[2] for e in items]
     px = torch.cat(pixels) if any(p.shape[0] for p in pixels) else None
+    cu = None
     if pack:
         ids = torch.tensor([t for e in items for t in e[0]], dtype=torch.long)[None]
         labels = torch.tensor([t for e in items for t in e[1]], dtype=torch.long)[None]
         lengths = torch.tensor([len(e[0]) for e in items], dtype=torch.int32)
         cu = torch.zeros(len(items) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lengths, 0)
-        out["cu_seqlens"] = cu
     else:
         T = max(len(e[0]) for e in items)
         ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+        labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
         for r, e in enumerate(items):
             ids[r, :len(e[0])] = torch.tensor(e[0], dtype=torch.long)
             labels[r, :len(e[1])] = torch.tensor(e[1], dtype=torch.long)
-    out.update(input_ids=ids, labels=labels, pixel_values=px, n_targets=count_targets(labels),
-               n_tokens=sum(len(e[0]) for e in items))
-    return out
+    return Batch(input_ids=ids, labels=labels, pixel_values=px, cu_seqlens=cu, n_targets=count_targets(labels, cu),
+                 n_tokens=sum(len(e[0]) for e in items), ids=[e[3] for e in items], skipped=skipped)
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -234,7 +292,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.micro)
 
-    def __getitem__(self, j: int) -> dict:
+    def __getitem__(self, j: int) -> Batch:
         items = [self.examples.load(i) for i in self.micro[j]]
         return collate(items, self.examples.tokenizer.eod_id, self.examples.image_size, self.pack)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import resolve_device
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -41,10 +43,8 @@ def setup(strategy: str = "ddp", device: str | None = None) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
         dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -103,10 +103,6 @@ def wrap(model, d: Dist):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def unwrap(module):
-    return module.module if hasattr(module, "module") and not hasattr(module, "config") else module
 
 
 @contextlib.contextmanager

@@ -8,15 +8,18 @@ Two record kinds are accepted:
 Labels are -100 everywhere except the tokens the model must produce: in ChatML each assistant reply and its
 `<|im_end|>` (so generation learns to stop); in plain text each reply and, at the very end, `<|endoftext|>`.
 The official fine-tuning script also supervises the `<|im_start|>`/`<|im_end|>`/newline tokens of every turn; we
-train on the replies only. Segments are encoded one by one (as that script does), and the ChatML layout is the one
-`QwenVLTokenizer.chat_prompt` writes at inference, so a prompt is tokenized the same way in training and in use.
+train on the replies only. Each turn is encoded on its own with only the image and grounding tokens special in its
+content, exactly as `qwenvl.prompts.chat_ids` builds the prompt at inference, so a prompt is the same ids in training
+and in use, and a record whose text holds `<|im_end|>` cannot forge a turn.
 """
 from __future__ import annotations
 
-IGNORE = -100
+from ..inputs import IGNORE_INDEX
+from ..prompts import DEFAULT_SYSTEM, turn_ids
+from ..tokenizer import IMAGE_SPECIALS
+
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 STYLES = ("chatml", "plain")
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 class MalformedRecord(ValueError):
@@ -70,36 +73,49 @@ def turns(record, index=None) -> list[tuple[str, str]]:
     return out
 
 
+def _segments(pairs, tokenizer, style: str, system: str) -> list[tuple[list[int], bool]]:
+    """(ids, trained) pieces of a conversation; the replies (with the token that ends them) are trained."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    segments = []
+    if style == "chatml":
+        start, end, nl = [tokenizer.im_start_id], [tokenizer.im_end_id], tokenizer.encode("\n")
+        segments.append((start + turn_ids(tokenizer, "system", system) + end, False))
+        for k in range(0, len(pairs), 2):
+            segments.append((nl + start + turn_ids(tokenizer, "user", pairs[k][1]) + end + nl + start
+                             + tokenizer.encode("assistant") + nl, False))
+            segments.append((tokenizer.encode(pairs[k + 1][1], allowed_special=IMAGE_SPECIALS) + end, True))
+    else:
+        for k in range(0, len(pairs), 2):
+            segments.append((tokenizer.encode(pairs[k][1], allowed_special=IMAGE_SPECIALS), False))
+            segments.append((tokenizer.encode(pairs[k + 1][1], allowed_special=IMAGE_SPECIALS), True))
+        segments.append(([tokenizer.eod_id], True))
+    return segments
+
+
+def _encoded(record, tokenizer, style, system, index):
+    rid = record_id(record, index)
+    pairs = turns(record, index)
+    try:
+        return rid, pairs, _segments(pairs, tokenizer, style, system)
+    except ValueError as e:  # e.g. an unclosed <img>, a path too long for the image span, text that is not UTF-8
+        if str(e).startswith("style must"):
+            raise
+        raise MalformedRecord(rid, str(e)) from None
+
+
 def encode(record, tokenizer, style: str = "chatml", system: str = DEFAULT_SYSTEM, max_len: int | None = None,
            index=None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a record; raises MalformedRecord (with the record's id) for anything untrainable."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    rid = record_id(record, index)
-    pairs = turns(record, index)
-    segments: list[tuple[str, bool]] = []
-    if style == "chatml":
-        segments.append((f"<|im_start|>system\n{system}<|im_end|>", False))
-        for k in range(0, len(pairs), 2):
-            segments.append((f"\n<|im_start|>user\n{pairs[k][1]}<|im_end|>\n<|im_start|>assistant\n", False))
-            segments.append((pairs[k + 1][1] + "<|im_end|>", True))
-    else:
-        for k in range(0, len(pairs), 2):
-            segments.append((pairs[k][1], False))
-            segments.append((pairs[k + 1][1], True))
-        segments.append(("<|endoftext|>", True))
+    rid, _, segments = _encoded(record, tokenizer, style, system, index)
     ids: list[int] = []
     labels: list[int] = []
-    for text, train in segments:
-        try:
-            piece = tokenizer.encode(text)
-        except ValueError as e:  # e.g. an unclosed <img> or a path too long for the image span
-            raise MalformedRecord(rid, str(e)) from None
+    for piece, train in segments:
         ids += piece
-        labels += piece if train else [IGNORE] * len(piece)
-    if labels and labels[0] != IGNORE:
+        labels += piece if train else [IGNORE_INDEX] * len(piece)
+    if labels and labels[0] != IGNORE_INDEX:
         raise MalformedRecord(rid, "the first token is a target: a record must start with a user turn")
-    if not any(lab != IGNORE for lab in labels):
+    if not any(lab != IGNORE_INDEX for lab in labels):
         raise MalformedRecord(rid, "no target tokens")
     if max_len is not None and len(ids) > max_len:
         # truncating would cut an image span or the answer: refuse instead of training on a mangled example
@@ -107,14 +123,9 @@ def encode(record, tokenizer, style: str = "chatml", system: str = DEFAULT_SYSTE
     return ids, labels
 
 
-def prompt(record, tokenizer, style: str = "chatml", system: str = DEFAULT_SYSTEM, index=None) -> tuple[str, str]:
-    """(prompt text, reference answer) for evaluation: every turn but the last reply, which is the reference."""
-    pairs = turns(record, index)
-    reference = pairs[-1][1]
-    if style == "chatml":
-        history = [(pairs[k][1], pairs[k + 1][1]) for k in range(0, len(pairs) - 2, 2)]
-        return tokenizer.chat_prompt(pairs[-2][1], history=history, system=system), reference
-    if style == "plain":
-        text = "".join(p[1] for p in pairs[:-1])
-        return text, reference
-    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+def prompt(record, tokenizer, style: str = "chatml", system: str = DEFAULT_SYSTEM, index=None) -> tuple[list, str]:
+    """(prompt ids, reference answer) for evaluation: every turn but the last reply, which is the reference. The ids
+    are those of the record's training example up to that reply."""
+    _, pairs, segments = _encoded(record, tokenizer, style, system, index)
+    last = len(segments) - (2 if style == "plain" else 1)  # plain: the last reply and <|endoftext|>
+    return [t for piece, _ in segments[:last] for t in piece], pairs[-1][1]

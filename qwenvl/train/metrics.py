@@ -34,25 +34,38 @@ class MetricsLog:
 def read(path: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}, line {n}: not JSON; the metrics log is damaged (remove that line)") from None
     return rows
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per stage: steps, first/last loss (mean of the first and last 10 steps), tokens and time."""
+    """Per stage: steps, loss at the start and the end, tokens, time, and a line that says what was averaged.
+
+    The start and end losses are means over the first and last k steps, k = min(10, steps // 2), so the two windows
+    never overlap: a 3-step run compares its first step with its last, not a 3-step mean with itself.
+    """
     out = {}
     for stage in sorted({r["stage"] for r in rows}):
         rs = [r for r in rows if r["stage"] == stage]
-        k = min(10, len(rs))
-        out[stage] = {
-            "steps": len(rs),
-            "loss_start": sum(r["loss"] for r in rs[:k]) / k,
-            "loss_end": sum(r["loss"] for r in rs[-k:]) / k,
-            "tokens": sum(r["tokens"] for r in rs),
-            "seconds": sum(r["step_seconds"] for r in rs),
-        }
+        k = max(1, min(10, len(rs) // 2))
+        start = sum(r["loss"] for r in rs[:k]) / k
+        end = sum(r["loss"] for r in rs[-k:]) / k
+        tokens, seconds = sum(r["tokens"] for r in rs), sum(r["step_seconds"] for r in rs)
+        if len(rs) == 1:
+            loss = f"loss {start:.3f} (a single step)"
+        elif k == 1:
+            loss = f"loss {start:.3f} -> {end:.3f} (first step -> last step)"
+        else:
+            loss = f"loss {start:.3f} -> {end:.3f} (means of the first and last {k} steps)"
+        out[stage] = {"steps": len(rs), "loss_start": start, "loss_end": end, "window": k, "tokens": tokens,
+                      "seconds": seconds,
+                      "line": f"{len(rs)} steps, {loss}, {tokens:,} tokens, {seconds:.0f} s"}
     return out
 
 

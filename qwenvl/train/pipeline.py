@@ -1,8 +1,11 @@
 """A training run: the stages in order (each starting from the previous one's final model), then the evaluation.
 
-Layout of --out: run.json (arguments and the resolved recipe of every stage), metrics.jsonl, loss.png,
+Layout of --out: run.json (the job and the resolved recipe of every stage), metrics.jsonl, loss.png,
 stage<N>/checkpoint-<step>/ and stage<N>/final/ (loadable model folders that also resume), eval/ (report.json and
 PNGs with boxes). `--resume` skips finished stages and continues an unfinished one from its newest checkpoint.
+
+Everything that can be checked without a model is checked before the first model is built: the model and tokenizer
+names, the recipes, the run folder, the checkpoints to resume from, and every record of a data file.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ from ..config import PRESETS, QwenVLConfig
 from ..model import QwenVL
 from ..tokenizer import QwenVLTokenizer
 from . import state as ckpt
-from .data import Examples
+from .data import Examples, check_plan
 from .distributed import Dist, barrier, broadcast_object
-from .formatting import DEFAULT_SYSTEM
-from .init import init_from_scratch
+from ..prompts import DEFAULT_SYSTEM
+from .job import Job
 from .metrics import MetricsLog, plot_loss, read, summarize
 from .recipe import DEMO_SYSTEM, StageRecipe, stage_recipe
+from .scratch_init import init_from_scratch
 from .sources import FileSource, SyntheticSource
 from .synthetic import SyntheticTasks
-from .trainer import Options, train_stage
+from .trainer import Options, plan_spec, train_stage
 
 log = logging.getLogger("qwenvl.train")
 
@@ -77,102 +81,96 @@ def build_model(source: str, seed: int, kernels: str, device, grad_checkpointing
     return model
 
 
-def make_source(args, recipe: StageRecipe, stage: int):
-    if args.data == "synthetic":
-        mix = args.mix or recipe.mix
-        pairs = stage == 1 and args.mix is None and recipe.mix == "caption=1"
-        # each stage draws its own stream of scenes: later stages never replay earlier ones
-        # training grounding records ask for every object of the picture (one turn each): several boxes per encoded
-        # image; evaluation asks for one
-        tasks = SyntheticTasks(seed=args.seed * 1000 + stage, split="train", mix=mix, pairs=pairs, all_refs=True,
-                               **scene_options(args))
-        return SyntheticSource(tasks)
-    return FileSource(args.data, root=args.image_root)
+def make_source(job: Job, recipe: StageRecipe, stage: int, files: FileSource | None = None):
+    """The stage's records: the data file's (one FileSource for every stage), or a synthetic stream of its own."""
+    if job.data != "synthetic":
+        return files if files is not None else FileSource(job.data, root=job.image_root)
+    pairs = stage == 1 and job.recipe.get("mix") is None and recipe.mix == "caption=1"
+    # each stage draws its own stream of scenes: later stages never replay earlier ones. Training grounding records
+    # ask for every object of the picture (one turn each: several boxes per encoded image); evaluation asks for one
+    tasks = SyntheticTasks(seed=job.seed * 1000 + stage, split="train", mix=recipe.mix, pairs=pairs, all_refs=True,
+                           **job.scenes.to_dict())
+    return SyntheticSource(tasks)
 
 
-def scene_options(args) -> dict:
-    """How synthetic scenes are drawn (the evaluation must draw them the same way)."""
-    return {"canvas": args.canvas, "snap": args.snap, "sizes": tuple(args.sizes), "max_things": args.max_things}
+def system_prompt(job: Job, demo: bool) -> str:
+    if job.system is not None:
+        return job.system
+    return DEMO_SYSTEM if demo and job.data == "synthetic" else DEFAULT_SYSTEM
 
 
-def system_prompt(args, demo: bool) -> str:
-    if args.system is not None:
-        return args.system
-    return DEMO_SYSTEM if demo and args.data == "synthetic" else DEFAULT_SYSTEM
-
-
-def recipe_overrides(args) -> dict:
-    train = None
-    if args.train is not None:
-        parts = {p.strip() for p in args.train.split(",") if p.strip()}
-        unknown = parts - {"vit", "adapter", "llm"}
-        if unknown:
-            raise ValueError(f"--train takes parts among vit, adapter, llm; got {sorted(unknown)}")
-        train = parts
-    betas = None
-    if args.beta1 is not None or args.beta2 is not None:
-        betas = (args.beta1 if args.beta1 is not None else 0.9, args.beta2 if args.beta2 is not None else 0.98)
-    return dict(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, steps=args.steps,
-                weight_decay=args.weight_decay, grad_clip=args.grad_clip, eps=args.eps, betas=betas,
-                vit_lr_decay=args.vit_lr_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                image_size=args.image_size, style=args.style,
-                train_vit=None if train is None else "vit" in train,
-                train_adapter=None if train is None else "adapter" in train,
-                train_llm=None if train is None else "llm" in train)
-
-
-def _check_out(out: str, resume, d: Dist) -> None:
+def _check_out(out: str, resume: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file, not a folder")
     busy = os.path.isdir(out) and any(n.startswith("stage") for n in os.listdir(out))
     if busy and not resume:
         raise FileExistsError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
 
 
-def run(args, d: Dist) -> dict:
-    stages = args.stages
-    config, tokenizer, scratch = resolve_model(args.model, args.tokenizer)
-    demo = scratch and args.data == "synthetic"
-    recipes = {s: stage_recipe(s, config, demo=scratch, **recipe_overrides(args)) for s in stages}
-    system = system_prompt(args, demo)
-    out = args.out
-    _check_out(out, args.resume, d)
+def _stage_starts(job: Job, d: Dist) -> dict:
+    """stage -> "done", a checkpoint folder to resume from, or None (from the start); resumability checked."""
+    starts = {}
+    for s in job.stages:
+        if job.resume and ckpt.is_complete(ckpt.final_dir(job.out, s)):
+            starts[s] = "done"
+            continue
+        found = ckpt.checkpoints(ckpt.stage_dir(job.out, s)) if job.resume else []
+        start = broadcast_object(found[-1][1] if found else None, d)
+        if start is not None:
+            ckpt.check_resumable(start)
+        starts[s] = start
+    return starts
+
+
+def run(job: Job, d: Dist) -> dict:
+    config, tokenizer, scratch = resolve_model(job.model, job.tokenizer)
+    demo = scratch and job.data == "synthetic"
+    recipes = {s: stage_recipe(s, config, demo=scratch, **job.recipe) for s in job.stages}
+    system = system_prompt(job, demo)
+    out = job.out
+    _check_out(out, job.resume)
+    if d.main and os.path.isdir(out):
+        for s in job.stages:
+            ckpt.remove_orphans(ckpt.stage_dir(out, s))
+    barrier(d)
+    starts = _stage_starts(job, d)
+    files = FileSource(job.data, root=job.image_root) if job.data != "synthetic" else None
+    examples = {s: Examples(make_source(job, recipes[s], s, files), tokenizer, recipes[s].style, system,
+                            recipes[s].image_size, job.max_len, bad=job.bad_records, validate=files is not None)
+                for s in job.stages if starts[s] != "done"}
     if d.main:
         os.makedirs(out, exist_ok=True)
         if scratch:
-            lrs = "/".join(f"{recipes[s].lr:g}" for s in stages)
+            lrs = "/".join(f"{recipes[s].lr:g}" for s in job.stages)
             log.info("model %s from scratch: the demo defaults (from-scratch init, learning rates %s for stage(s) %s,"
                      " short schedules), not the paper's 2e-4/5e-5/1e-5, which stay the defaults for released "
-                     "checkpoints", args.model, lrs, ",".join(map(str, stages)))
+                     "checkpoints", job.model, lrs, ",".join(map(str, job.stages)))
         with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if not callable(v)}, "system": system,
+            json.dump({"job": job.to_dict(), "system": system,
                        "recipes": {s: r.to_dict() for s, r in recipes.items()}}, f, indent=2, default=str)
     barrier(d)
+    opts = Options(out=out, seed=job.seed, workers=job.workers, dtype=job.dtype, pack_tokens=job.pack_tokens,
+                   pool=job.bucket_pool, save_every=job.save_every, keep=job.keep, progress=job.progress,
+                   shuffle=job.data != "synthetic",
+                   data_info={"system": system, "data": job.data, "scenes": job.scenes.to_dict()})
+    for s, ex in examples.items():  # a data set smaller than one global batch is refused before any model is built
+        check_plan(len(ex), plan_spec(recipes[s], opts, d))
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=d.main)
-    opts = Options(out=out, seed=args.seed, workers=args.workers, dtype=args.dtype, pack_tokens=args.pack_tokens,
-                   pool=args.bucket_pool, save_every=args.save_every, keep=args.keep, progress=not args.quiet,
-                   shuffle=args.data != "synthetic",
-                   data_info={"system": system, "data": args.data, "scenes": scene_options(args)})
-    source_model = args.model
+    source_model = job.model
     summaries = []
     t_run = time.perf_counter()
-    for s in stages:
-        recipe = recipes[s]
+    for s in job.stages:
         final = ckpt.final_dir(out, s)
-        if args.resume and ckpt.is_complete(final):
+        if starts[s] == "done":
             if d.main:
                 log.info("stage %d already finished (%s): skipping", s, final)
             source_model = final
             continue
-        resume_from = None
-        if args.resume:
-            found = ckpt.checkpoints(ckpt.stage_dir(out, s))
-            resume_from = found[-1][1] if found else None
-            resume_from = broadcast_object(resume_from, d)
-            if resume_from is None:
-                metrics.rewind(s, 0)  # killed before its first checkpoint: the stage starts over, so do its lines
-        model = build_model(resume_from or source_model, args.seed, args.kernels, d.device, args.grad_checkpointing)
-        examples = Examples(make_source(args, recipe, s), tokenizer, recipe.style, system, recipe.image_size,
-                            args.max_len, bad=args.bad_records, validate=args.data != "synthetic")
-        summary = train_stage(model, tokenizer, recipe, examples, opts, d, metrics, resume=resume_from,
+        resume_from = starts[s]
+        if job.resume and resume_from is None:
+            metrics.rewind(s, 0)  # killed before its first checkpoint: the stage starts over, so do its lines
+        model = build_model(resume_from or source_model, job.seed, job.kernels, d.device, job.grad_checkpointing)
+        summary = train_stage(model, tokenizer, recipes[s], examples[s], opts, d, metrics, resume=resume_from,
                               model_source=resume_from or source_model)
         summaries.append(summary)
         source_model = final

@@ -10,13 +10,20 @@ steps; global batches 30720 / 4096 / 128; weight decay 0.05; gradient clipping 1
 
 A model built from scratch (a preset such as `tiny` or `demo`, not a released checkpoint) cannot learn anything at
 those learning rates in minutes, so the built-in demo uses its own defaults (`DEMO`), and says so when it runs.
+
+A run shortened with `steps` keeps the warm-up's share of the schedule (3 steps of stage 3 warm up over 1 step, not
+over the paper's 3000, which would leave the learning rate at a thousandth of its peak) and says so; a warm-up given
+explicitly is kept, with a warning when the run ends before it does.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+
+log = logging.getLogger("qwenvl.train")
 
 STAGES = (1, 2, 3)
 
@@ -98,8 +105,20 @@ def stage_recipe(stage: int, config, demo: bool = False, **overrides) -> StageRe
     unknown = [k for k in overrides if k not in names]
     if unknown:
         raise ValueError(f"unknown recipe field(s) {unknown}; known: {sorted(names)}")
-    r = replace(r, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    default_steps, default_warmup = r.steps, r.warmup_steps
+    r = replace(r, **given)
     _check(r, config)
+    if "warmup_steps" not in given and r.steps < default_steps and default_warmup:
+        scaled = max(1, round(default_warmup * r.steps / default_steps))
+        log.warning("stage %d: %d steps instead of %d: the warm-up keeps its share of the schedule, %d step(s) "
+                    "instead of %d (pass --warmup-steps to choose)", stage, r.steps, default_steps, scaled,
+                    default_warmup)
+        r = replace(r, warmup_steps=scaled)
+    elif r.warmup_steps >= r.steps:
+        log.warning("stage %d: the warm-up (%d steps) is not shorter than the run (%d steps): the learning rate "
+                    "never reaches its peak %g (it ends at %.2g)", stage, r.warmup_steps, r.steps, r.lr,
+                    r.lr * r.steps / r.warmup_steps)
     return r
 
 

@@ -20,8 +20,12 @@ def read_records(path) -> list:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path} (or pass --data synthetic)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at line {line}): save it as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -16,16 +16,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..config import resolve_dtype
+from ..inputs import IGNORE_INDEX
 from . import state as ckpt
-from .data import Examples, PlanSpec, loader, plan
+from .data import Batch, Examples, PlanSpec, loader, plan
 from .distributed import Dist, all_reduce_sum, no_sync, wrap
-from .formatting import IGNORE
 from .metrics import MetricsLog
 from .recipe import StageRecipe, apply_freeze, build_optimizer, build_scheduler
 
 log = logging.getLogger("qwenvl.train")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -43,20 +42,13 @@ class Options:
     data_info: dict = field(default_factory=dict)  # how examples were made (system prompt, canvas): eval reuses it
 
 
-def _inputs(batch: dict, device) -> dict:
-    kw = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    if batch.get("pixel_values") is not None:
-        kw["pixel_values"] = batch["pixel_values"].to(device)
-    if batch.get("cu_seqlens") is not None:
-        kw["cu_seqlens"] = batch["cu_seqlens"].to(device)
-    return kw
-
-
-def _empty_inputs(pad_id: int, device) -> dict:
+def _inputs(batch: Batch, pad_id: int, device) -> dict:
+    if not batch.empty:
+        return batch.model_inputs(device)
     # a micro-batch whose records were all dropped still has to run forward and backward so that every rank joins
     # the gradient all-reduce; with no target its loss and gradients are zero
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}
+    return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
 
 
 def plan_spec(recipe: StageRecipe, opts: Options, d: Dist) -> PlanSpec:
@@ -92,7 +84,7 @@ def train_stage(model, tokenizer, recipe: StageRecipe, examples: Examples, opts:
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe)
     spec = plan_spec(recipe, opts, d)
-    compute = DTYPES[opts.dtype]
+    compute = resolve_dtype(opts.dtype)
     scaler = torch.amp.GradScaler(d.device.type, enabled=compute == torch.float16)
 
     start = 0
@@ -138,20 +130,19 @@ def train_stage(model, tokenizer, recipe: StageRecipe, examples: Examples, opts:
         t0 = time.perf_counter()
         group = [next(batches) for _ in range(recipe.grad_accum)]
         for b in group:
-            for rid, reason in b["skipped"]:
+            for rid, reason in b.skipped:
                 log.warning("skipped malformed record %s: %s", rid, reason)
-        n_targets, n_tokens = all_reduce_sum([sum(b["n_targets"] for b in group),
-                                              sum(b["n_tokens"] for b in group)], d)
+        n_targets, n_tokens = all_reduce_sum([sum(b.n_targets for b in group), sum(b.n_tokens for b in group)], d)
         loss_sum = 0.0
         for a, b in enumerate(group):
-            kw = _inputs(b, d.device) if b["input_ids"] is not None else _empty_inputs(tokenizer.eod_id, d.device)
-            weight = b["n_targets"] / n_targets * d.world if n_targets else 0.0
+            kw = _inputs(b, tokenizer.eod_id, d.device)
+            weight = b.n_targets / n_targets * d.world if n_targets else 0.0
             with no_sync(wrapped, d, skip=a < recipe.grad_accum - 1):
                 with autocast:
                     out = wrapped(**kw)
                 loss = out.loss.float()
                 scaler.scale(loss * weight).backward()
-            loss_sum += float(loss.detach()) * b["n_targets"]
+            loss_sum += float(loss.detach()) * b.n_targets
         loss_sum = all_reduce_sum([loss_sum], d)[0]
         loss_value = loss_sum / n_targets if n_targets else float("nan")
         scaler.unscale_(optimizer)

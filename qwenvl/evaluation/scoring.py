@@ -28,7 +28,7 @@ def infer_kind(record: dict, reference: str) -> str:
     return "vqa"
 
 
-def _boxes(text: str) -> list[tuple]:
+def boxes_of(text: str) -> list[tuple]:
     """Boxes of a (possibly malformed) model answer; corners put in order so that a swapped box still scores."""
     out = []
     for entry in parse_grounding(text, strict=False):
@@ -39,10 +39,10 @@ def _boxes(text: str) -> list[tuple]:
 
 def score_grounding(prediction: str, reference: str) -> tuple[bool, float]:
     """(hit, IoU) of the first predicted box against the first reference box."""
-    ref = _boxes(reference)
+    ref = boxes_of(reference)
     if not ref:
         raise ValueError(f"the reference {reference!r} holds no <box>")
-    pred = _boxes(prediction)
+    pred = boxes_of(prediction)
     if not pred:
         return False, 0.0
     iou = box_iou(pred[0], ref[0])
@@ -52,7 +52,7 @@ def score_grounding(prediction: str, reference: str) -> tuple[bool, float]:
 def score_grounded_caption(prediction: str, reference: str) -> tuple[bool, float]:
     """Hit when the text without boxes matches exactly and every box, in order, has IoU >= 0.5 with its reference.
     The second value is the mean IoU over the reference boxes (a missing box counts 0)."""
-    ref, pred = _boxes(reference), _boxes(prediction)
+    ref, pred = boxes_of(reference), boxes_of(prediction)
     ious = [box_iou(p, r) for p, r in zip(pred, ref)] + [0.0] * max(0, len(ref) - len(pred))
     same_text = normalize(_TAGS.sub("", prediction)) == normalize(_TAGS.sub("", reference))
     hit = same_text and len(pred) == len(ref) and all(i >= IOU_THRESHOLD for i in ious)
@@ -78,7 +78,7 @@ class Baseline:
         per_kind, per_question = {}, {}
         for kind, question, reference in triples:
             if kind == "grounding":
-                b = _boxes(reference)
+                b = boxes_of(reference)
                 if b:
                     boxes.append(b[0])
             per_kind.setdefault(kind, Counter())[reference] += 1
@@ -106,16 +106,3 @@ def summarize(results: list[dict]) -> dict:
             row["baseline_mean_iou"] = sum(r.get("baseline_iou", 0.0) for r in rs) / len(rs)
         out[kind] = row
     return out
-
-
-METRIC_NAMES = {"grounding": "acc@IoU>=0.5", "grounded_caption": "exact text + boxes@0.5", "vqa": "exact match",
-                "caption": "exact match", "ocr": "exact match"}
-
-
-def table(summary: dict) -> str:
-    lines = [f"{'task':<18}{'metric':<24}{'n':>5}{'model':>9}{'baseline':>10}{'mean IoU':>10}"]
-    for kind, row in summary.items():
-        iou = f"{row['mean_iou']:.3f}" if "mean_iou" in row else "-"
-        lines.append(f"{kind:<18}{METRIC_NAMES.get(kind, 'exact match'):<24}{row['n']:>5}{row['accuracy']:>9.3f}"
-                     f"{row['baseline_accuracy']:>10.3f}{iou:>10}")
-    return "\n".join(lines)
