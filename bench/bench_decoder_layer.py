@@ -3,24 +3,26 @@ MLP) at B4 T2048 x 4096: forward and forward + backward, torch backend against t
 import pytest
 import torch
 
-import harness as H
+from benchlib.cases import params, randn
+from benchlib.env import ON_CUDA, backend, compile_available
+from benchlib.models import Lazy, build_on_device, decoder_rope, init_params_, model_config, set_kernels
+from benchlib.timing import count_step_flops, rotating_step
 
 CASES = ["decoder_layer fwd", "decoder_layer fwd+bwd"]
 IMPLS = ["torch", "triton", "compile"]
-B, T = (4, 2048) if H.ON_CUDA else (1, 16)
+COSTS = {"torch": 6, "triton": 10, "compile": 60}
+B, T = (4, 2048) if ON_CUDA else (1, 16)
 
 
 def _build():
-    from qwenvl.text import QWenBlock, RotaryEmbedding
+    from qwenvl.text import QWenBlock
 
-    cfg = H.model_config().text
-    block = H.init_params_(H.build_on_device(lambda: QWenBlock(cfg, H.kernels("torch"))))
-    cos, sin = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base).tables(T, 1.0, H.DEVICE)
-    rope = (cos, sin, torch.arange(T, device=H.DEVICE), None)
-    return cfg, block, rope
+    cfg = model_config().text
+    block = init_params_(build_on_device(lambda: QWenBlock(cfg, backend("torch"))))
+    return cfg, block, decoder_rope(cfg, T)
 
 
-LAYER = H.Lazy(_build)
+LAYER = Lazy(_build)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,28 +32,27 @@ def _release():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("case, impl", H.params(CASES, IMPLS))
+@pytest.mark.parametrize("case, impl", params(CASES, IMPLS, COSTS))
 def test_decoder_layer(bm, suite, case, impl):
     backward = case.endswith("fwd+bwd")
     facts = {}
 
     def setup():
         if impl == "compile":
-            H.compile_available()
+            compile_available()
         cfg, block, rope = LAYER()
         block.requires_grad_(backward)
-        x = H.randn(B, T, cfg.hidden_size, grad=backward)
-        H.set_kernels(block, "torch")
+        x = randn(B, T, cfg.hidden_size, grad=backward)
+        set_kernels(block, "torch")
         run = lambda x, m: m(x, rope)  # noqa: E731
-        facts["flops"] = H.count_step_flops(run, (x, block), backward)
+        facts["flops"] = count_step_flops(run, (x, block), backward)
         if impl == "compile":
             compiled = torch.compile(block, dynamic=False)
             run = lambda x, m: compiled(x, rope)  # noqa: E731
         else:
-            H.set_kernels(block, impl)
-        return H.rotating_step([(x, block)], run, backward)
+            set_kernels(block, impl)
+        return rotating_step([(x, block)], run, backward)
 
-    cost = {"compile": 60, "triton": 20}.get(impl, 5) if H.ON_CUDA else 2
     suite.run(bm, case=case, impl=impl, setup=setup, mode="module", shape={"B": B, "T": T},
-              title=f"decoder layer B{B} T{T}", tokens=B * T, cost_s=cost)
-    H.add_rate(suite, case, impl, facts.get("flops"))
+              title=f"decoder layer B{B} T{T}", tokens=B * T)
+    suite.add_rate(case, impl, facts.get("flops"))

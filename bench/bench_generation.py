@@ -1,4 +1,4 @@
-"""Generation with the KV cache: prefill of one image (448 px) + a 32-token prompt, then 128 new tokens (greedy, no
+"""Generation with the KV cache: prefill of one image (448 px) + a 30-token prompt, then 128 new tokens (greedy, no
 stop token), batch 1 and 8, on the reduced-depth real-width model (ViT 8/48, decoder 4/32, full vocabulary).
 Prefill and decode are timed apart inside each run (CUDA events at the first and last new token); decode tokens/s is
 batch x 127 / decode time. Target: decode tokens/s >= 1.5x the torch backend at batch 1 and at batch 8."""
@@ -7,27 +7,33 @@ import time
 import pytest
 import torch
 
-import harness as H
+from benchlib.cases import params
+from benchlib.compiles import warming
+from benchlib.env import DTYPE, ON_CUDA
+from benchlib.models import Lazy, build_on_device, model_config, param_bytes, set_kernels, vl_batch
+from benchlib.timing import summarize
 
 IMPLS = ["torch", "triton"]
+# the first of the two rows (torch) builds the model; ours compiles and autotunes its prefill and decode kernels
+COSTS = {"torch": 10, "triton": 8}
 # the CPU run keeps the GPU case names (so the targets' bookkeeping is exercised) at toy sizes: batch 2 stands for 8
-BATCHES = {1: 1, 8: 8} if H.ON_CUDA else {1: 1, 8: 2}
-N_NEW = 128 if H.ON_CUDA else 3
-N_TEXT = 32 if H.ON_CUDA else 2
-REPS = 3 if H.ON_CUDA else 1
+BATCHES = {1: 1, 8: 8} if ON_CUDA else {1: 1, 8: 2}
+N_NEW = 128 if ON_CUDA else 3
+N_TEXT = 30 if ON_CUDA else 2        # a 288-token prefill: a multiple of 16, as the other cases
+REPS = 3 if ON_CUDA else 1
 
 
 def _build():
     from qwenvl.model import QwenVL
 
-    cfg = H.model_config()
-    model = H.build_on_device(lambda: QwenVL(cfg, kernels="torch"))
+    cfg = model_config()
+    model = build_on_device(lambda: QwenVL(cfg, kernels="torch"))
     model.eval()
     model.requires_grad_(False)
     return cfg, model
 
 
-MODEL = H.Lazy(_build)
+MODEL = Lazy(_build)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +46,7 @@ def generate_once(model, ids, pixels, n_new):
     """(prefill ms, decode ms, tokens produced): one prefill, then n_new - 1 cached decode steps."""
     from qwenvl.generation import generate_steps
 
-    if H.ON_CUDA:
+    if ON_CUDA:
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         mark = lambda i: marks[i].record()  # noqa: E731
     else:
@@ -52,29 +58,31 @@ def generate_once(model, ids, pixels, n_new):
     mark(1)
     n = 1 + sum(1 for _ in steps)
     mark(2)
-    if H.ON_CUDA:
+    if ON_CUDA:
         torch.cuda.synchronize()
         return marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2]), n
     return (stamps[1] - stamps[0]) * 1e3, (stamps[2] - stamps[1]) * 1e3, n
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("name, impl", H.params([f"b{b}" for b in BATCHES], IMPLS))
+@pytest.mark.parametrize("name, impl", params([f"b{b}" for b in BATCHES], IMPLS, COSTS,
+                                               case_name=lambda name: f"generation_{name} decode"))
 def test_generation(bm, suite, name, impl):
     batch = BATCHES[int(name[1:])]
     prefill_case, decode_case = f"generation_{name} prefill", f"generation_{name} decode"
     bm.group = decode_case
     bm.extra_info.update({"case": decode_case, "impl": impl})
-    cost = {"triton": 40}.get(impl, 25) if H.ON_CUDA else 3
-    suite.gate(decode_case, impl, cost)
-    with suite.guarded(decode_case, impl, bm.extra_info, title=f"decode, batch {batch}, {N_NEW} new tokens"):
+    suite.gate(decode_case, impl)
+    with suite.guarded(decode_case, impl, bm.extra_info, bench=bm, title=f"decode, batch {batch}, {N_NEW} new tokens"):
         cfg, model = MODEL()
-        model.set_kernels(impl)
-        ids, _, pixels = H.vl_batch(cfg, batch, N_TEXT, labels=False)
+        set_kernels(model, impl)
+        ids, _, pixels = vl_batch(cfg, batch, N_TEXT, labels=False)
         T = ids.shape[1]
-        if H.ON_CUDA:  # compile / autotune the prefill and decode kernels (the interpreter has nothing to warm)
+        if ON_CUDA or warming():  # compile / autotune the prefill and decode kernels (the interpreter has none)
             generate_once(model, ids, pixels, 4)
-        if H.ON_CUDA:
+        if warming():
+            return
+        if ON_CUDA:
             torch.cuda.reset_peak_memory_stats()
         runs = []
         bm.pedantic(lambda: runs.append(generate_once(model, ids, pixels, N_NEW)), rounds=REPS, iterations=1,
@@ -82,19 +90,18 @@ def test_generation(bm, suite, name, impl):
         if not runs:  # pytest-benchmark disabled: it skipped the call
             runs.append(generate_once(model, ids, pixels, N_NEW))
         produced = runs[0][2]
-        peak = torch.cuda.max_memory_allocated() if H.ON_CUDA else None
+        peak = torch.cuda.max_memory_allocated() if ON_CUDA else None
 
         # what one decode step must read: the decoder weights, the LM head, and the KV cache so far
         t = cfg.text
-        e = torch.empty((), dtype=H.DTYPE).element_size()
-        weights = H.param_bytes(model.transformer.h) + H.param_bytes(model.transformer.ln_f) + \
-            H.param_bytes(model.lm_head)
+        e = torch.empty((), dtype=DTYPE).element_size()
+        weights = param_bytes(model.transformer.h) + param_bytes(model.transformer.ln_f) + param_bytes(model.lm_head)
         steps = produced - 1
         kv = 2 * t.num_hidden_layers * batch * (T + produced / 2) * t.hidden_size * e
         decode_bytes = steps * (weights + kv)
         decode_flops = steps * batch * 2 * weights / e
-        pre = H._summarize([r[0] for r in runs], 0.0)
-        dec = H._summarize([r[1] for r in runs], 0.0)
+        pre = summarize([r[0] for r in runs], 0.0)
+        dec = summarize([r[1] for r in runs], 0.0)
         pre_row = suite.row(pre, None, None, None, tokens=batch * T)
         dec_row = suite.row(dec, decode_flops, decode_bytes, None, tokens=batch * steps)
         if peak is not None:

@@ -9,9 +9,15 @@ import time
 import pytest
 import torch
 
-import harness as H
+from benchlib.cases import cost_mark, randn
+from benchlib.compiles import compile_counts, warming
+from benchlib.env import DEVICE, ON_CUDA, OURS, backend, ours, sync
+from benchlib.models import build_on_device, decoder_rope, init_params_, model_config, set_kernels
+from benchlib.suite import current_test
 
-LENGTHS = list(range(1000, 1101)) if H.ON_CUDA else [5, 6]
+LENGTHS = list(range(1000, 1101)) if ON_CUDA else [5, 6]
+# while warming, one length per class of Triton's integer specialization (x % 16, and 1) is enough
+WARM_LENGTHS = LENGTHS[:17]
 
 
 def _delta(after, before):
@@ -19,48 +25,57 @@ def _delta(after, before):
 
 
 @pytest.mark.model
+@pytest.mark.target
+@cost_mark(12)
 def test_recompiles(suite):
     case = "recompiles"
-    suite.gate(case, H.OURS, 30 if H.ON_CUDA else 2)
-    with suite.guarded(case, H.OURS, title="Triton compilations across lengths"):
-        from qwenvl.text import QWenBlock, RotaryEmbedding
+    suite.gate(case, OURS)
+    with suite.guarded(case, OURS, title="Triton compilations across lengths"):
+        from qwenvl.text import QWenBlock
 
-        cfg = H.model_config().text
-        block = H.init_params_(H.build_on_device(lambda: QWenBlock(cfg, H.kernels("torch"))))
-        H.set_kernels(block, H.OURS)
-        k = H.kernels(H.OURS)
-        top = max(LENGTHS)
-        cos, sin = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base).tables(top + 1, 1.0, H.DEVICE)
-        lm_head = H.randn(cfg.vocab_size, cfg.hidden_size, scale=0.02, grad=True)
-        cache_k = H.randn(1, top + 16, cfg.num_attention_heads, cfg.kv_channels)
-        cache_v = H.randn(1, top + 16, cfg.num_attention_heads, cfg.kv_channels)
+        cfg = model_config().text
+        block = init_params_(build_on_device(lambda: QWenBlock(cfg, backend("torch"))))
+        set_kernels(block, OURS)
+        k = ours()
+        lengths = WARM_LENGTHS if warming() else LENGTHS
+        top = max(lengths)
+        lm_head = randn(cfg.vocab_size, cfg.hidden_size, scale=0.02, grad=True)
+        cache_k = randn(1, top + 16, cfg.num_attention_heads, cfg.kv_channels)
+        cache_v = randn(1, top + 16, cfg.num_attention_heads, cfg.kv_channels)
 
         def one(L):
-            x = H.randn(1, L, cfg.hidden_size, grad=True)
-            h = block(x, (cos, sin, torch.arange(L, device=H.DEVICE), None))
-            labels = torch.randint(0, cfg.vocab_size, (L,), device=H.DEVICE)
+            x = randn(1, L, cfg.hidden_size, grad=True)
+            h = block(x, decoder_rope(cfg, L))
+            labels = torch.randint(0, cfg.vocab_size, (L,), device=DEVICE)
             k.linear_cross_entropy(h[0], lm_head, labels).backward()
-            q = H.randn(1, 1, cfg.num_attention_heads, cfg.kv_channels)
-            k.decode_attention(q, cache_k, cache_v, torch.tensor([L], dtype=torch.int32, device=H.DEVICE))
+            q = randn(1, 1, cfg.num_attention_heads, cfg.kv_channels)
+            k.decode_attention(q, cache_k, cache_v, torch.tensor([L], dtype=torch.int32, device=DEVICE))
             block.zero_grad(set_to_none=True)
             lm_head.grad = None
 
-        half = len(LENGTHS) // 2
-        start = H.compile_counts()
+        if warming():
+            for L in lengths:
+                one(L)
+            return
+
+        free = suite.free_s(current_test())
+        stop = None if free is None else time.time() + free - 5   # the case's own time limit, with room to record
+        half = len(lengths) // 2
+        start = compile_counts()
         times, done = [], []
         mid = None
-        for i, L in enumerate(LENGTHS):
+        for i, L in enumerate(lengths):
             if i == half:
-                H.sync()
-                mid = H.compile_counts()
-            if suite.deadline is not None and time.time() > suite.deadline - 5:
+                sync()
+                mid = compile_counts()
+            if stop is not None and time.time() > stop:
                 break
             t0 = time.perf_counter()
             one(L)
-            H.sync()
+            sync()
             times.append((time.perf_counter() - t0) * 1e3)
             done.append(L)
-        end = H.compile_counts()
+        end = compile_counts()
         covered = f"{done[0]}..{done[-1]}" if done else "none"
         if start is None:
             rec = {"lengths": covered, "new_in_second_half": None,
@@ -77,5 +92,5 @@ def test_recompiles(suite):
         rec.update(first_length_ms=times[0] if times else None,
                    median_ms=sorted(times)[len(times) // 2] if times else None)
         suite.data["recompiles"] = rec
-        suite.results.put(case, H.OURS, {"status": "ok", "median_ms": rec["median_ms"], "lengths": covered},
+        suite.results.put(case, OURS, {"status": "ok", "median_ms": rec["median_ms"], "lengths": covered},
                           title="Triton compilations across lengths", mode="module")

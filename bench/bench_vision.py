@@ -4,23 +4,26 @@ a shrunk "tiny" preset on the CPU. Timed as a user sees it (host gaps included).
 import pytest
 import torch
 
-import harness as H
+from benchlib.cases import params, randn
+from benchlib.env import ON_CUDA, backend, compile_available
+from benchlib.models import Lazy, build_on_device, init_params_, set_kernels, vision_config
+from benchlib.timing import count_step_flops, rotating_step
 
 CASES = ["vision_tower fwd", "vision_tower fwd+bwd"]
 IMPLS = ["torch", "triton", "compile"]
-BATCH = {"fwd": 8, "fwd+bwd": 4} if H.ON_CUDA else {"fwd": 1, "fwd+bwd": 1}
+COSTS = {"torch": 10, "triton": 15, "compile": 120}
+BATCH = {"fwd": 8, "fwd+bwd": 4} if ON_CUDA else {"fwd": 1, "fwd+bwd": 1}
 
 
 def _build():
-    from qwenvl.config import QwenVLConfig
     from qwenvl.vision import VisionTransformer
 
-    cfg = (QwenVLConfig.from_name("qwen-vl") if H.ON_CUDA else H.cpu_config()).vision
-    tower = H.build_on_device(lambda: VisionTransformer(cfg, H.kernels("torch")))
-    return cfg, H.init_params_(tower)
+    cfg = vision_config()
+    tower = build_on_device(lambda: VisionTransformer(cfg, backend("torch")))
+    return cfg, init_params_(tower)
 
 
-TOWER = H.Lazy(_build)
+TOWER = Lazy(_build)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +33,7 @@ def _release():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("case, impl", H.params(CASES, IMPLS))
+@pytest.mark.parametrize("case, impl", params(CASES, IMPLS, COSTS))
 def test_vision_tower(bm, suite, case, impl):
     mode = case.split()[1]
     backward = mode == "fwd+bwd"
@@ -39,25 +42,23 @@ def test_vision_tower(bm, suite, case, impl):
 
     def setup():
         if impl == "compile":
-            H.compile_available("model")
+            compile_available("model")
         cfg, tower = TOWER()
         tower.requires_grad_(backward)
         tower.attn_pool.pos_embed.requires_grad_(False)    # the fixed sin-cos table
         S = cfg.image_size
-        pixels = H.randn(B, 3, S, S)
-        H.set_kernels(tower, "torch")
+        pixels = randn(B, 3, S, S)
+        set_kernels(tower, "torch")
         run = lambda px, m: m(px)  # noqa: E731
-        facts["flops"] = H.count_step_flops(run, (pixels, tower), backward)
+        facts["flops"] = count_step_flops(run, (pixels, tower), backward)
         if impl == "compile":
             compiled = torch.compile(tower)
             run = lambda px, m: compiled(px)  # noqa: E731
         else:
-            H.set_kernels(tower, impl)
+            set_kernels(tower, impl)
         facts["layers"], facts["image_size"] = cfg.layers, S
-        return H.rotating_step([(pixels, tower)], run, backward)
+        return rotating_step([(pixels, tower)], run, backward)
 
     suite.run(bm, case=case, impl=impl, setup=setup, mode="module", shape={"batch": B},
-              title=f"ViT + adapter, 448 px, batch {B}, {mode}", cost_s=30 if H.ON_CUDA else 2,
-              flops=None, extra=facts)
-    H.add_rate(suite, case, impl, facts.get("flops"))
-
+              title=f"ViT + adapter, 448 px, batch {B}, {mode}", extra=facts)
+    suite.add_rate(case, impl, facts.get("flops"))

@@ -80,7 +80,7 @@ class Case:
 
 
 def _mod(name):
-    return importlib.import_module(f"qwenvl_kernels.{name}")  # the package shadows some submodules by functions
+    return importlib.import_module(f"qwenvl_kernels.ops.{name}")
 
 
 def _cfg_opts(cfg):
@@ -121,13 +121,10 @@ def cases_flash_attention(full):
             vs = strides4((B, T, H, D), row=3 * H * D, varlen=vl)  # v: a slice of the fused qkv projection
             lse_s = (0, T) if vl else (H * T, T)
             flag = f"d{D}{' causal' if causal else ''}{' seq_start' if ss else ''}{' varlen' if vl else ''}"
-            if dtype == "float32":
-                f = dict(m._FP32_CONFIG)
-                configs = [({"BLOCK_M": f["BLOCK_M"], "BLOCK_N": f["BLOCK_N"]},
-                            {"num_warps": f["num_warps"], "num_stages": f["num_stages"]})]
             for kind in ("fwd", "dq", "dkdv"):
+                name = f"{kind}/fp32" if dtype == "float32" else f"{kind}/d{bucket}"
+                configs = [_cfg_opts(c) for c in m.CONFIGS[name]]
                 if dtype != "float32":
-                    configs = [_cfg_opts(c) for c in m._CUDA_CONFIGS[(kind, bucket)]]
                     if not full and D not in (64, 128):
                         configs = configs[:1]
                 # seq_start, cu_seqlens_q, cu_seqlens_k; q stands in for each one that is off
@@ -142,7 +139,7 @@ def cases_flash_attention(full):
                     args = (P(dtype), P(dtype), P(dtype), P(dtype), P(dtype), P(dtype), P("float32"),
                             P("float32"), *aux, *qs, *qs, *vs, *qs, *qs, *qs, *lse_s, T, T, H, 1,
                             0.125 * LOG2E, 0.125)
-                kname = m._KERNELS[kind].__name__
+                kname = m._LAUNCHERS[kind].kernel.__name__
                 for i, (blocks, opts) in enumerate(configs):
                     label = (f"{dtype} {flag} M{blocks['BLOCK_M']} N{blocks['BLOCK_N']} "
                              f"w{opts['num_warps']} s{opts['num_stages']}")
@@ -160,7 +157,7 @@ def cases_decode_attention(full):
     m = _mod("decode_attention")
     out = []
     B, S, D = 4, 4096, 128
-    warps_stages = [(c.num_warps, c.num_stages) for c in m._partial_launcher()[0].configs]
+    warps_stages = [(c.num_warps, c.num_stages) for c in m.CONFIGS["partial"]]
     # (Tq, group): Qwen-7B decode (1, 1), speculative/chunked (4, 1), (16, 1) (tl.dot path), GQA (1, 4), (4, 8)
     shapes = [(1, 1), (4, 1), (16, 1), (1, 4), (4, 8)]
     for dtype in DTYPES:
@@ -211,7 +208,7 @@ def cases_resampler_attention(full):
     out = []
     B, NQ, NK, E, H = 4, 256, 1024, 4096, 32
     D = E // H
-    tuned = {which: [_cfg_opts(c) for c in m._tuned(which).configs] for which in ("fwd", "dkv", "dq")}
+    tuned = {which: [_cfg_opts(c) for c in m.CONFIGS[which]] for which in ("fwd", "dkv", "dq")}
     names = {"fwd": "_fwd_kernel", "dkv": "_bwd_dkv_kernel", "dq": "_bwd_dq_kernel"}
     for dtype in DTYPES:
         consts = dict(HEAD_DIM=D, BLOCK_D=D, DOT_PREC="ieee" if dtype == "float32" else "tf32")
@@ -235,7 +232,7 @@ def cases_resampler_attention(full):
                                 f"s{opts['num_stages']}", args, {**consts, **blocks}, opts, dot=True, tuned=True))
         out.append(Case("resampler_attention", "_delta_kernel", dtype,
                         (P(dtype), P(dtype), P("float32"), NQ * E, E, NQ * E, E, H, NQ),
-                        dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=m._DELTA_BLOCK_M)))
+                        dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=m.CONFIGS["delta"][0].kwargs["BLOCK_M"])))
     return out
 
 
@@ -243,7 +240,7 @@ def _norm_blocks(N):
     rn = _mod("rms_norm")
     block_n = max(1 << (N - 1).bit_length(), 16)
     block_m = max(1, rn._TILE_ELEMS_CUDA // block_n)
-    warps = sorted({c.num_warps for c in rn._warp_configs(block_m, block_n)})
+    warps = sorted({c.num_warps for c in rn.CONFIGS[f"fwd/n{block_n}"]})
     return block_m, block_n, warps
 
 
@@ -295,7 +292,7 @@ def cases_rotary(full):
     out = []
     B, T, H, D = 2, 2048, 32, 128
     half = 64
-    configs = [_cfg_opts(c) for c in m._cuda_kernel().configs]   # the autotune candidates, as the launcher has them
+    configs = [_cfg_opts(c) for c in m.CONFIGS["rotary"]]   # the autotune candidates, as the launcher has them
 
     def label(c):
         return " ".join(f"{k[-1]}{v}" for k, v in sorted(c[0].items())) + f" w{c[1]['num_warps']}"
@@ -341,7 +338,7 @@ def cases_cross_entropy(full):
     m = _mod("cross_entropy")
     out = []
     V = 151936
-    cfgs = m._ce_rows_kernel_tuned.configs
+    cfgs = m.CONFIGS["rows"]
     for dtype in DTYPES:
         for grad in (False, True):
             for c in cfgs:

@@ -5,7 +5,7 @@
                                                  # from the latest GPU run in bench/results/ ("no GPU run yet" if none)
     python bench/report.py --print --no-readme   # the short table on stdout
     python bench/report.py --results F.json --chart out.png
-    python bench/report.py --floors              # the floor table of NOTES.md (datasheet H100 ceilings)
+    python bench/report.py --floors [--card H200] # the floor table of NOTES.md (a card's datasheet ceilings)
 
 Needs only the standard library (matplotlib for --chart): it runs where the results were copied, not on the GPU.
 """
@@ -71,6 +71,8 @@ def _fmt_value(t: dict) -> str:
     v = t.get("value")
     if v is None:
         return "-"
+    if t["name"].endswith("attn_weight_memory"):
+        return f"{v:.2f}x attn weights"
     if "fraction" in t["name"]:
         return f"{100 * v:.0f}% of copy bw"
     if t["name"].startswith("recompiles"):
@@ -84,6 +86,8 @@ def _goal(t: dict) -> str:
         return f"{t['op']} {100 * thr:.0f}%"
     if t["name"].startswith("recompiles"):
         return "0 new"
+    if t["name"].endswith("attn_weight_memory"):
+        return f"{t['op']} {thr:g}x attn weights"
     return f"{t['op']} {thr:g}x"
 
 
@@ -122,7 +126,8 @@ def case_rows(data: dict) -> list[dict]:
                 row["ceiling"] = (f"{100 * fm:.0f}% matmul" if (fm or 0) >= (fc or 0) else f"{100 * fc:.0f}% copy")
             elif ours.get("tokens_per_s"):
                 row["ceiling"] = f"{ours['tokens_per_s']:.0f} tok/s"
-        ok = {k: r for k, r in impls.items() if k != OURS and r.get("status") == "ok" and r.get("median_ms")}
+        ok = {k: r for k, r in impls.items()
+              if k != OURS and not k.startswith("floor-") and r.get("status") == "ok" and r.get("median_ms")}
         if ok:
             best = min(ok, key=lambda k: ok[k]["median_ms"])
             row["best"], row["best_ms"] = best, ok[best]["median_ms"]
@@ -238,12 +243,14 @@ def chart(data: dict, png: str) -> str:
 
 # --- floors -------------------------------------------------------------------------------------------------------
 
-def floors_markdown() -> str:
+def floors_markdown(card: str = "H100") -> str:
     sys.path.insert(0, HERE)
     import shapes
 
-    spec = shapes.H100_SPEC
-    lines = [f"Datasheet H100 SXM ceilings: {spec['copy_gbps'] / 1e3:.2f} TB/s, {spec['matmul_tflops']:.0f} dense "
+    if card not in shapes.SPECS:
+        raise ReportError(f"no datasheet for card {card!r}: one of {', '.join(shapes.SPECS)}")
+    spec = shapes.SPECS[card]
+    lines = [f"Datasheet {card} ceilings: {spec['copy_gbps'] / 1e3:.2f} TB/s, {spec['matmul_tflops']:.0f} dense "
              f"bf16 TFLOP/s; bf16 elements.", "",
              "| kernel | pass | GFLOP | MB moved | at matmul rate | at copy rate | floor | bound |",
              "|---|---|---|---|---|---|---|---|"]
@@ -261,10 +268,11 @@ def main(argv=None) -> int:
     p.add_argument("--print", dest="print_table", action="store_true", help="print the short table")
     p.add_argument("--chart", help="write a PNG chart of our kernels against the baselines")
     p.add_argument("--floors", action="store_true", help="print the floor table of NOTES.md and exit")
+    p.add_argument("--card", default="H100", help="the datasheet the floor table uses (H100, H200, ...)")
     args = p.parse_args(argv)
     try:
         if args.floors:
-            print(floors_markdown())
+            print(floors_markdown(args.card))
             return 0
         path = args.results or latest()
         data = load(path) if path else None

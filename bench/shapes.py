@@ -114,6 +114,27 @@ def resampler_cost(B, Nq, Nk, E, heads, e, backward=False):
     return 3 * fwd_flops, 3 * weights + 2 * acts + (Nq * E + B * Nk * E + B * Nq * E) * e
 
 
+def resampler_gemms(s: dict, backward=False) -> list[tuple[str, int, int, int, str]]:
+    """The projection GEMMs the resampler cannot avoid, as its fused path runs them through cuBLAS (see
+    qwenvl_kernels/ops/resampler_attention.py): (what, M, N, K, layout), an [M, K] x [K, N] product each, with the
+    operands stored as that path stores them ("nt": x W^T with W [N, K]; "nn": x W; "tn": x^T y, x [K, M]).
+    Their summed time is the case's floor: the attention core between them is about 4% of the FLOPs."""
+    B, Nq, Nk, E = s["B"], s["Nq"], s["Nk"], s["E"]
+    gemms = [("Q = (query + pos_q) Wq^T", Nq, E, E, "nt"),
+             ("K_x | V = kv [Wk; Wv]^T", B * Nk, 2 * E, E, "nt"),
+             ("P_k = pos_k Wk^T", Nk, E, E, "nt"),
+             ("out = O Wo^T", B * Nq, E, E, "nt")]
+    if backward:
+        gemms += [("dO = dout Wo", B * Nq, E, E, "nn"),
+                  ("dWo = dout^T O", E, E, B * Nq, "tn"),
+                  ("d(query) = dQ Wq", Nq, E, E, "nn"),
+                  ("dWq = dQ^T (query + pos_q)", E, E, Nq, "tn"),
+                  ("d(kv) = [dK | dV] [Wk; Wv]", B * Nk, E, 2 * E, "nn"),
+                  ("[dWk; dWv] = [dK | dV]^T kv", 2 * E, E, B * Nk, "tn"),
+                  ("dWk += dP_k^T pos_k", E, E, Nk, "tn")]
+    return gemms
+
+
 def cross_entropy_cost(N, H, V, e, backward=False):
     """The LM head and the loss: N x H x V multiply-adds forward; backward dH = dlogits W and dW = dlogits^T h.
     Bytes: h and W in (dW and dh out backward); a fused kernel never writes the N x V logits."""
