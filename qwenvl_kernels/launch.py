@@ -259,10 +259,15 @@ def check_grid(name: str, programs: int) -> None:
 
 
 def softmax_scale_of(name: str, softmax_scale, head_dim: int) -> float:
-    """The attention scale as a float: 1 / sqrt(head_dim) by default."""
+    """The attention scale as a float: 1 / sqrt(head_dim) by default. It must be positive: the kernels take the row
+    max of the unscaled scores and apply the scale inside exp2's FFMA (one instruction per score saved)."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     try:
-        return float(softmax_scale)
+        scale = float(softmax_scale)
     except (TypeError, ValueError):
         raise UnsupportedInput(f"{name}: softmax_scale must be a number or None, got {softmax_scale!r}") from None
+    if not scale > 0.0:
+        raise UnsupportedInput(f"{name}: softmax_scale must be positive, got {scale}; use kernels='torch' for a "
+                               f"zero or negative scale")
+    return scale

@@ -158,7 +158,8 @@ def test_seq_start_fp16_gqa_uneven_blocks(monkeypatch):
 def test_cuda_block_shapes(monkeypatch, D):
     # the numbers of the CUDA default configs (first of each autotune list), checked here under the interpreter
     for kind in ("fwd", "dq", "dkdv"):
-        cfg = fa.CONFIGS[fa.launch_name(kind, D, torch.float16)][0]
+        consts = fa.launch_constexprs(kind, D, True, True, False, torch.float16, False)
+        cfg = fa.CONFIGS[fa.launch_name(kind, consts)][0]
         monkeypatch.setitem(fa.INTERPRETER_BLOCKS, kind, (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]))
     seq_start = torch.tensor([0, 70], device=DEVICE)
     _run_attention(2, 150, 200, 2, 1, D, True, torch.float16, seq_start=seq_start)

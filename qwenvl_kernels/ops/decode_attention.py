@@ -18,8 +18,9 @@ splits that get no key block exit after writing an empty partial.
 
 Registered as the custom op `qwenvl::decode_attention` (with its fake implementation; no autograd: inference only).
 
-CONFIGS: "partial" (phase 1: candidates over num_warps and num_stages, keyed on the structural constexprs) and
-"combine" (phase 2, fixed). `launch_constexprs(tq, group, head_dim, dtype)` gives phase 1's constexprs but
+CONFIGS: "partial/fma" and "partial/dot" (phase 1 on its elementwise and its tl.dot path: candidates over num_warps
+and num_stages, keyed on the structural constexprs; every candidate a distinct program, which the static gate of
+bench/compile_check.py checks) and "combine" (phase 2, fixed). `launch_constexprs(tq, group, head_dim, dtype)` gives phase 1's constexprs but
 HAS_STARTS and SPLIT (whether cache_starts is given, whether the key length is split); phase 2's are HEAD_DIM,
 BLOCK_D and BLOCK_S = next_power_of_2(num_splits).
 """
@@ -44,7 +45,10 @@ _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
 
 CONFIGS = {
-    "partial": [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)],
+    # the elementwise path is not software-pipelined (no tl.dot): num_stages changes nothing, only the warps
+    "partial/fma": [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2, 8)],
+    # wgmma: one warpgroup on the 64-row block, pipelined K/V loads
+    "partial/dot": [triton.Config({}, num_warps=4, num_stages=s) for s in (3, 2)],
     "combine": [triton.Config({}, num_warps=4)],
 }
 
@@ -55,7 +59,9 @@ def launch_constexprs(tq: int, group: int, head_dim: int, dtype: torch.dtype) ->
     use_dot = rows >= _DOT_MIN_ROWS
     bd = block_d(head_dim)
     if use_dot:
-        bm, bn = min(next_power_of_2(rows), _MAX_BLOCK_M), 64
+        # wgmma takes 64 rows per warpgroup: fewer rows would fall back to mma.sync. Decoding is memory-bound, the
+        # padded rows cost tensor-core time only
+        bm, bn = _MAX_BLOCK_M, 64
     else:
         bm = next_power_of_2(rows)
         # the elementwise path materializes a [BLOCK_M, BLOCK_N, BLOCK_D] product: bound its size
@@ -111,7 +117,8 @@ def _decode_partial_kernel(
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if not USE_DOT:
-        q = q.to(tl.float32)
+        # the scale (log2 units) folded into the fp32 query once, not into every score
+        q = q.to(tl.float32) * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -130,21 +137,27 @@ def _decode_partial_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
             qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        # scores in the log2 domain: exp2 is the cheap exponential
-        qk = qk * qk_scale
+        # scores in the log2 domain (exp2 is the cheap exponential). The elementwise path has the scale in q; the
+        # tl.dot path applies it to the row max and inside exp2's FFMA (scale > 0), not to every score first
         allowed = (offs_n[None, :] < key_end[:, None]) & n_ok[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        if USE_DOT:
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         # a row that has seen no allowed key yet keeps max -inf; subtracting 0 instead keeps exp2 free of NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
+        if USE_DOT:
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        else:
+            p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            # the accumulator goes into the product: defined by wgmma only, never serialized
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
 
     if SPLIT:
@@ -234,7 +247,7 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     starts = cache_starts if cache_starts is not None else cache_seqlens  # unused when HAS_STARTS is off
 
     _launch_partial(
-        "partial", (programs, splits), q, k_cache, v_cache, out, mid_acc, mid_m, mid_l, cache_seqlens, starts,
+        "partial/dot" if consts["USE_DOT"] else "partial/fma", (programs, splits), q, k_cache, v_cache, out, mid_acc, mid_m, mid_l, cache_seqlens, starts,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         cache_seqlens.stride(0), starts.stride(0),
         S, Hk, n_mblocks, splits, softmax_scale * LOG2E,

@@ -11,11 +11,12 @@ Custom ops: `qwenvl::flash_attn` -> (out, lse) and `qwenvl::flash_attn_backward`
 (no atomics). lse is fp32 in log2 units (`m + log2(l)` of the scores scaled by softmax_scale * log2(e)), -inf for
 a row that sees no key; [batch, heads, seqlen_q], or [heads, total_q] for packed sequences.
 
-CONFIGS: "{kind}/d64" and "{kind}/d128" (16-bit inputs, BLOCK_D <= 64 or == 128) and "{kind}/fp32" (one fixed
-config: fp32 is the exactness path, IEEE products on FMA units, not a speed path) for kind = "fwd", "dq", "dkdv";
-"pre" (the delta preprocess, fixed). BLOCK_M (query block) and BLOCK_N (key block) are in the kwargs;
-`launch_name(kind, head_dim, dtype)` picks the key and `launch_constexprs(head_dim, causal, has_seq_start, varlen,
-dtype)` gives the other constexprs (the preprocess takes HEAD_DIM, BLOCK_D, VARLEN).
+CONFIGS: "{kind}/d64", "{kind}/d128" (16-bit inputs, one head block of <= 64 or 128 columns), "{kind}/split" (16-bit,
+a head dim split into 64 + 32 + 16 column blocks, e.g. the ViT's 104) and "{kind}/fp32" (one fixed config: fp32
+is the exactness path, IEEE products on FMA units, not a speed path) for kind = "fwd", "dq", "dkdv"; "pre" (the
+delta preprocess, fixed). BLOCK_M (query block) and BLOCK_N (key block) are in the kwargs;
+`launch_constexprs(kind, head_dim, causal, has_seq_start, varlen, dtype, row_stride8)` gives the other constexprs
+and `launch_name(kind, constexprs)` the key (the preprocess takes HEAD_DIM, BLOCK_D, VARLEN, ROW_STRIDE8).
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ import torch
 import triton
 
 from ..launch import (LOG2E, Launcher, UnsupportedInput, block_d, check_device, check_grid, check_head_dim, check_heads,
-                      check_index, check_tensor, check_tensors, dot_precision, empty, softmax_scale_of, tracing,
-                      unit_last_stride)
+                      check_index, check_tensor, check_tensors, dot_precision, empty, softmax_scale_of, tracing)
 from .flash_attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
                                       _attn_fwd_kernel)
 
@@ -35,22 +35,24 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# H100-minded candidates per kernel and head-dim bucket (BLOCK_D <= 64, BLOCK_D == 128) for 16-bit inputs. BLOCK_M
-# is the query block, BLOCK_N the key block. The forward wants a tall query block (128) so that every K/V tile
-# is reused by many rows, with a 64-wide key block at d=128 to keep the fp32 accumulator and P in registers; the
-# dK/dV kernel holds two [BLOCK_N, BLOCK_D] fp32 accumulators plus K and V, hence wide key blocks, narrow query
-# blocks and 8 warps there. Checked offline (Triton 3.9 AOT for sm_90, ptxas -v): all of them compile, use wgmma
-# and cp.async pipelining, and spill at most ~50 bytes (d=128 dK/dV, fwd (128, 32)); none serializes its wgmma.
-# fp32 inputs take one small fixed config ("ieee" products need far more registers; tuning would also compile
-# every fp32 candidate, tens of seconds each).
+# H100-minded candidates per launch for 16-bit inputs. BLOCK_M is the query block, BLOCK_N the key block. The
+# forward wants a tall query block (128) so that every K/V tile is reused by many rows, with a 64-wide key block to
+# keep the fp32 accumulator and P in registers; the dK/dV kernel holds two [BLOCK_N, BLOCK_D] fp32 accumulators plus
+# K and V, hence wide key blocks and narrow query blocks, with 64 key rows per warpgroup (8 warps on 64 rows would
+# make both warpgroups compute the same S and dP). Every candidate compiles for sm_90a to unserialized wgmma,
+# without spills or narrow tile loads, under Triton 3.6 and 3.9 (bench/compile_check.py, the static gate).
+_FP32 = [_cfg(32, 32, 8, 2)]
 CONFIGS = {
-    "fwd/d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
-    "fwd/d128": [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3)],
+    "fwd/d64": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
     "dq/d64": [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
-    "dq/d128": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 3)],
-    "dkdv/d64": [_cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 3)],
-    "dkdv/d128": [_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 128, 8, 2)],
-    **{f"{kind}/fp32": [_cfg(32, 32, 8, 2)] for kind in ("fwd", "dq", "dkdv")},
+    "dkdv/d64": [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    "fwd/d128": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2)],
+    "dq/d128": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3)],
+    "dkdv/d128": [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3)],
+    "fwd/split": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    "dq/split": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
+    "dkdv/split": [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3)],
+    "fwd/fp32": _FP32, "dq/fp32": _FP32, "dkdv/fp32": _FP32,
     "pre": [triton.Config({"BLOCK_M": 64}, num_warps=4)],
 }
 # Block sizes under the interpreter: small, and M != N so that tests exercise blocks that straddle the causal
@@ -59,30 +61,66 @@ INTERPRETER_BLOCKS = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "pre": 
 
 # structural sizes and features only, never a sequence length (that would retune at every new length); the
 # autotuner adds the dtypes of the tensor arguments to the key itself
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ_START", "VARLEN", "DOT_PREC"]
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ_START", "VARLEN", "ROW_STRIDE8", "DOT_PREC"]
 _LAUNCHERS = {"fwd": Launcher(_attn_fwd_kernel, CONFIGS, _TUNE_KEY),
               "dq": Launcher(_attn_bwd_dq_kernel, CONFIGS, _TUNE_KEY),
               "dkdv": Launcher(_attn_bwd_dkdv_kernel, CONFIGS, _TUNE_KEY)}
 _launch_pre = Launcher(_attn_bwd_preprocess_kernel, CONFIGS, key=[])
 
 
-def launch_name(kind: str, head_dim: int, dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
+# Head dims that a power-of-two block would pad (80, 96, 104, ...) are split into column blocks (see the kernel
+# notes), per kernel where the split compiles to clean wgmma (bench/compile_check.py, case "vit d104").
+SPLIT_HEAD = {"fwd": True, "dq": True, "dkdv": True}
+
+
+def head_blocks(head_dim: int, kind: str) -> tuple:
+    """(BLOCK_D, BLOCK_D1, BLOCK_D2) of kernel `kind`: one block of next_power_of_2(head_dim) (at least 16), or the
+    binary decomposition of head_dim rounded up to 16 into blocks of 64, 32, 16 (104 -> 64 + 32 + 16)."""
+    full = block_d(head_dim)
+    need = -(-head_dim // 16) * 16
+    if not SPLIT_HEAD[kind] or need == full:
+        return full, 0, 0
+    blocks = [b for b in (64, 32, 16) if need & b]  # need < full <= 128: at most these three
+    return tuple(blocks + [0] * (3 - len(blocks)))
+
+
+def launch_constexprs(kind, head_dim, causal, has_seq_start, varlen, dtype, row_stride8) -> dict:
+    """The constexprs of kernel `kind` ("fwd", "dq", "dkdv") besides BLOCK_M and BLOCK_N."""
+    return {"HEAD_DIM": head_dim, **dict(zip(("BLOCK_D", "BLOCK_D1", "BLOCK_D2"), head_blocks(head_dim, kind))),
+            "CAUSAL": bool(causal), "HAS_SEQ_START": has_seq_start, "VARLEN": varlen, "ROW_STRIDE8": row_stride8,
+            "DOT_PREC": dot_precision(dtype)}
+
+
+def launch_name(kind: str, consts: dict) -> str:
+    """The CONFIGS entry of a launch of kernel `kind` with these constexprs."""
+    if consts["DOT_PREC"] == "ieee":
         return f"{kind}/fp32"
-    return f"{kind}/d64" if block_d(head_dim) <= 64 else f"{kind}/d128"
+    if consts["BLOCK_D1"]:
+        return f"{kind}/split"
+    return f"{kind}/d{64 if consts['BLOCK_D'] <= 64 else 128}"
 
 
-def launch_constexprs(head_dim, causal, has_seq_start, varlen, dtype) -> dict:
-    """The constexprs of the fwd, dq and dkdv kernels besides BLOCK_M and BLOCK_N."""
-    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "CAUSAL": bool(causal),
-            "HAS_SEQ_START": has_seq_start, "VARLEN": varlen, "DOT_PREC": dot_precision(dtype)}
+def row_stride8(*tensors) -> bool:
+    """Whether a row (sequence) stride is not a multiple of 16 elements: the kernels then round it (`_mult8`)."""
+    return any(t.stride(-3) % 16 != 0 for t in tensors if t.shape[-3] > 1)
 
 
-def _launch(kind, n_rows, n_bh, args, consts, dtype):
+def tile_ready(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy of it unless its head dim has unit stride, every other stride (of a dim longer than
+    1) is a multiple of 8 and it starts 16-byte aligned. The kernels tell the compiler that strides are multiples
+    of 8 (`_mult8`), which is what lets every tile load be 16 bytes wide; a strided head dim would make every tile
+    load a gather. The copy is O(seqlen x dim), next to attention's O(seqlen^2 x dim). While torch.compile traces,
+    the address is unknown: the custom op checks it again when it runs."""
+    ok = (t.stride(-1) == 1 and (tracing(t) or t.data_ptr() % 16 == 0)
+          and all(s % 8 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+    return t if ok else t.contiguous()
+
+
+def _launch(kind, n_rows, n_bh, args, consts):
     """Launch kernel `kind` over (blocks of n_rows, n_bh). The row blocks are query blocks (BLOCK_M) for the
     forward and dQ kernels, key blocks (BLOCK_N) for dK/dV."""
     row_block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    _LAUNCHERS[kind](launch_name(kind, consts["HEAD_DIM"], dtype),
+    _LAUNCHERS[kind](launch_name(kind, consts),
                      lambda meta: (triton.cdiv(n_rows, meta[row_block]), n_bh), *args,
                      interpreter=dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS[kind])), **consts)
 
@@ -111,6 +149,7 @@ def _flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start:
     """(out, lse) for validated inputs with a unit stride in the head dim: q [B, Tq, H, D], k/v [B, Tk, Hk, D],
     or packed [total, heads, D] with cu_seqlens (then max_seqlen_q/k bound the sequences)."""
     varlen = cu_seqlens_q is not None
+    q, k, v = tile_ready(q), tile_ready(k), tile_ready(v)  # no copy for what fixed_length / packed prepared
     q4, k4, n_seq, max_q, max_k = _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     v4 = v[None] if varlen else v
     H, D = q4.shape[2], q4.shape[3]
@@ -124,8 +163,9 @@ def _flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start:
                 cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
                 *_strides4(q4, varlen), *_strides4(k4, varlen), *_strides4(v4, varlen), *_strides4(o4, varlen),
                 *stride_l, max_q, max_k, H, H // k4.shape[2], softmax_scale * LOG2E)
-        consts = launch_constexprs(D, causal, seq_start is not None, varlen, q.dtype)
-        _launch("fwd", max_q, n_seq * H, args, consts, q.dtype)
+        consts = launch_constexprs("fwd", D, causal, seq_start is not None, varlen, q.dtype,
+                                   row_stride8(q4, k4, v4, o4))
+        _launch("fwd", max_q, n_seq * H, args, consts)
     return o, lse
 
 
@@ -146,11 +186,12 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             need_dkv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); 0-element tensors for what is not needed."""
     varlen = cu_seqlens_q is not None
+    q, k, v, out = tile_ready(q), tile_ready(k), tile_ready(v), tile_ready(out)
     q4, k4, n_seq, max_q, max_k = _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     v4, o4 = (v[None], out[None]) if varlen else (v, out)
     H, D = q4.shape[2], q4.shape[3]
     Hk = k4.shape[2]
-    do4 = unit_last_stride(dout[None] if varlen else dout)  # a copy when needed: the incoming gradient is only read
+    do4 = tile_ready(dout[None] if varlen else dout)  # a copy when needed: the incoming gradient is only read
     dq = empty(q.shape if need_dq else (0,), q.dtype, q.device)
     dk = empty(k.shape if need_dkv else (0,), k.dtype, k.device)
     dv = empty(v.shape if need_dkv else (0,), v.dtype, v.device)
@@ -164,20 +205,24 @@ def _flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ck = cu_seqlens_k if varlen else dummy
     _launch_pre("pre", lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), n_seq * H),
                 o4, do4, delta, cq, *_strides4(o4, varlen), *_strides4(do4, varlen), *stride_l, max_q, H,
-                interpreter={"BLOCK_M": INTERPRETER_BLOCKS["pre"]}, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen)
-    consts = launch_constexprs(D, causal, seq_start is not None, varlen, q.dtype)
+                interpreter={"BLOCK_M": INTERPRETER_BLOCKS["pre"]}, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen,
+                ROW_STRIDE8=row_stride8(o4, do4))
+    outs = [t for t, need in ((dq, need_dq), (dk, need_dkv), (dv, need_dkv)) if need]
+    stride8 = row_stride8(q4, k4, v4, do4, *(t[None] if varlen else t for t in outs))
     common = (*_strides4(q4, varlen), *_strides4(k4, varlen), *_strides4(v4, varlen), *_strides4(do4, varlen))
     qk_scale = softmax_scale * LOG2E
     if need_dq:
         dq4 = dq[None] if varlen else dq
         args = (q4, k4, v4, do4, dq4, lse, delta, ss, cq, ck, *common, *_strides4(dq4, varlen), *stride_l,
                 max_q, max_k, H, H // Hk, qk_scale, softmax_scale)
-        _launch("dq", max_q, n_seq * H, args, consts, q.dtype)
+        _launch("dq", max_q, n_seq * H, args,
+                launch_constexprs("dq", D, causal, seq_start is not None, varlen, q.dtype, stride8))
     if need_dkv:
         dk4, dv4 = (dk[None], dv[None]) if varlen else (dk, dv)
         args = (q4, k4, v4, do4, dk4, dv4, lse, delta, ss, cq, ck, *common, *_strides4(dk4, varlen),
                 *_strides4(dv4, varlen), *stride_l, max_q, max_k, Hk, H // Hk, qk_scale, softmax_scale)
-        _launch("dkdv", max_k, n_seq * Hk, args, consts, q.dtype)
+        _launch("dkdv", max_k, n_seq * Hk, args,
+                launch_constexprs("dkdv", D, causal, seq_start is not None, varlen, q.dtype, stride8))
     return dq, dk, dv
 
 
@@ -278,7 +323,7 @@ def fixed_length(name, q, k, v, causal, softmax_scale, seq_start=None, dropout_p
             raise UnsupportedInput(f"{name}: seq_start must have shape [batch] = [{B}], got {tuple(seq_start.shape)}")
         seq_start = seq_start.to(device=q.device).contiguous()
     check_grid(name, B * H)
-    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    q, k, v = tile_ready(q), tile_ready(k), tile_ready(v)
     return torch.ops.qwenvl.flash_attn(q, k, v, seq_start, None, None, 0, 0, scale, bool(causal))
 
 
@@ -292,7 +337,7 @@ def packed(name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         raise UnsupportedInput(f"{name}: cu_seqlens_q and cu_seqlens_k describe different numbers of sequences "
                                f"({cu_q.shape[0] - 1} and {cu_k.shape[0] - 1})")
     check_grid(name, (cu_q.shape[0] - 1) * q.shape[1])
-    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    q, k, v = tile_ready(q), tile_ready(k), tile_ready(v)
     return torch.ops.qwenvl.flash_attn(q, k, v, None, cu_q, cu_k, max_q, max_k, scale, bool(causal))
 
 

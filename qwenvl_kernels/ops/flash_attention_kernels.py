@@ -23,8 +23,12 @@ Masking is split per block: the key blocks that every row of a query block sees 
 causal and sequence-end masks (only the left-padding compare, when seq_start is given); only the blocks that
 straddle the causal diagonal or the sequence end pay for the full masks.
 
-The head dim is padded to BLOCK_D = next_power_of_2(D) (at least 16, the smallest `tl.dot` size) with a mask, so
-head_dim 80 and 104 run in a 128-wide block.
+Head dims. A power of two (64, 128) is one block; any other multiple of 8 up to 128 is split into column blocks of
+64, 32 and 16 that cover it rounded up to 16 (104 = 64 + 32 + 16: the ViT's attention does 12.5% less tensor-core
+work than in the 128-wide block that FlashAttention 2, cuDNN and SDPA pad it to). Strides: any, but the kernels
+are told that every stride except the head dim's is a multiple of 8 elements (the launcher copies an input for
+which that is false), which keeps every tile load 16 bytes wide for the ViT's q/k/v, sliced out of its qkv
+projection with a head stride of 312. Compiled code for sm_90a: bench/compile_check.py (the static gate).
 """
 from __future__ import annotations
 
@@ -35,10 +39,27 @@ import triton.language as tl
 # --------------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------------
-# Tile loads take `dmask` = offs_d < HEAD_DIM (the padded head-dim columns read as 0 and add 0 to every dot; with
-# HEAD_DIM a multiple of 8 the mask is constant over 8-element runs, so loads stay vectorized); tiles that may
-# cross a sequence end also mask rows. Loads and masks are written inline rather than through a helper: a nested
-# jit call is free when compiled but costs milliseconds per call under the interpreter, and these run per block.
+# The head dim is covered by up to three column blocks of widths BLOCK_D, BLOCK_D1, BLOCK_D2 (powers of two, at
+# least 16, the tl.dot minimum; BLOCK_D1 = BLOCK_D2 = 0 when absent): one block of next_power_of_2(head_dim)
+# (64, 128), or a split that follows the head dim more closely, 104 = 64 + 32 + 16 instead of a 128-wide block
+# with 24 padded columns (12.5% less tensor-core work). Products over the head dim (QK^T, dO V^T) are sums of one
+# tl.dot per block; products into it (PV, dS K, ...) fill one accumulator per block. Tile loads mask the columns
+# from HEAD_DIM on (`dm*`: they read as 0 and add 0 to every dot; with HEAD_DIM a multiple of 8 the mask is
+# constant over 8-element runs, so loads stay 16 bytes wide); tiles that may cross a sequence end also mask rows.
+# Loads and masks are written inline rather than through a helper: a nested jit call is free when compiled but
+# costs milliseconds per call under the interpreter, and these run per block.
+
+@triton.jit
+def _mult8(stride):
+    """A stride the launcher guarantees to be a multiple of 8 elements, said so to the compiler. Triton specializes
+    integer arguments on divisibility by 16 only: a head stride of 104 or 312 elements (the ViT's q/k/v, sliced out
+    of its qkv projection) leaves every tile address of unknown alignment and every load 2 bytes wide, with no
+    cp.async pipelining. (stride // 8) * 8 is the same value, known to be a multiple of 8 (16 bytes of a 16-bit
+    type): the tile loads become 16-byte cp.async. Batch and head strides always go through it; row strides only
+    when one of them is not a multiple of 16 (ROW_STRIDE8; Triton knows the others, and rounding those would cost
+    the dK/dV kernel registers)."""
+    return (stride >> 3) << 3
+
 
 @triton.jit
 def _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr, HAS_SEQ_START: tl.constexpr):
@@ -80,23 +101,88 @@ def _key_split(m_start, k_len, shift, first, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-               n_lo, n_hi, rows_shift, first, k_len, qk_scale, offs_n,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+def _head_cols(BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Column offsets of the three head-dim blocks and their masks ([1, width]; a block of width 0 gets a dummy)."""
+    d0 = tl.arange(0, BLOCK_D)
+    dm0 = d0[None, :] < HEAD_DIM
+    d1 = 0
+    dm1 = 0
+    d2 = 0
+    dm2 = 0
+    if BLOCK_D1 > 0:
+        d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        dm1 = d1[None, :] < HEAD_DIM
+    if BLOCK_D2 > 0:
+        d2 = (BLOCK_D + BLOCK_D1) + tl.arange(0, BLOCK_D2)
+        dm2 = d2[None, :] < HEAD_DIM
+    return d0, dm0, d1, dm1, d2, dm2
+
+
+@triton.jit
+def _load_blocks(rows, stride_d, row_ok, d0, dm0, d1, dm1, d2, dm2,
+                 BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """A [rows, head dim] tile (`rows`: the pointers of its first column) as its column blocks (0: absent)."""
+    t0 = tl.load(rows + d0[None, :] * stride_d, mask=row_ok & dm0, other=0.0)
+    t1 = 0
+    t2 = 0
+    if BLOCK_D1 > 0:
+        t1 = tl.load(rows + d1[None, :] * stride_d, mask=row_ok & dm1, other=0.0)
+    if BLOCK_D2 > 0:
+        t2 = tl.load(rows + d2[None, :] * stride_d, mask=row_ok & dm2, other=0.0)
+    return t0, t1, t2
+
+
+@triton.jit
+def _zero_blocks(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """fp32 accumulators for the column blocks (0: absent)."""
+    a0 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    a1 = 0
+    a2 = 0
+    if BLOCK_D1 > 0:
+        a1 = tl.zeros([ROWS, BLOCK_D1], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        a2 = tl.zeros([ROWS, BLOCK_D2], dtype=tl.float32)
+    return a0, a1, a2
+
+
+@triton.jit
+def _store_blocks(rows, stride_d, row_ok, a0, a1, a2, scale, d0, dm0, d1, dm1, d2, dm2,
+                  BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Store the column blocks (fp32, times `scale`: a number, or a [rows, 1] column) in the output's dtype."""
+    tl.store(rows + d0[None, :] * stride_d, (a0 * scale).to(rows.dtype.element_ty), mask=row_ok & dm0)
+    if BLOCK_D1 > 0:
+        tl.store(rows + d1[None, :] * stride_d, (a1 * scale).to(rows.dtype.element_ty), mask=row_ok & dm1)
+    if BLOCK_D2 > 0:
+        tl.store(rows + d2[None, :] * stride_d, (a2 * scale).to(rows.dtype.element_ty), mask=row_ok & dm2)
+
+
+@triton.jit
+def _fwd_inner(acc0, acc1, acc2, l_i, m_i, q0, q1, q2, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+               d0, dm0, d1, dm1, d2, dm2, n_lo, n_hi, rows_shift, first, k_len, qk_scale, offs_n,
+               BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, DOT_PREC: tl.constexpr):
+    # m_i is the running row max of the scaled scores (log2 units): the raw scores s are reduced first and the scale
+    # meets them only inside exp2(s * qk_scale - m), one FFMA per score instead of a multiply and a subtraction
+    # (qk_scale > 0, checked by the launcher, so the max commutes with the scale)
+    k_tile = offs_n[:, None] * stride_kt
+    v_tile = offs_n[:, None] * stride_vt
     # counting blocks rather than `range(n_lo, n_hi, BLOCK_N)`: with a loop start that depends on a loaded value
     # (seq_start), ptxas serializes the sm_90 wgmma instructions of the pipelined loop
     for it in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
         start_n = tl.multiple_of(n_lo + it * BLOCK_N, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k_ptrs = k_base + n64 * stride_kt + k_tile
-        v_ptrs = v_base + n64 * stride_vt + v_tile
+        k_blk = k_base + n64 * stride_kt + k_tile
+        v_blk = v_base + n64 * stride_vt + v_tile
         cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=dmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        rmask = cols[:, None] < k_len
+        k0 = tl.load(k_blk + d0[None, :] * stride_kd, mask=(rmask & dm0) if MASKED else dm0, other=0.0)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = tl.load(k_blk + d1[None, :] * stride_kd, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k_blk + d2[None, :] * stride_kd, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
         if MASKED:
             valid = cols[None, :] < k_len
             if CAUSAL:
@@ -107,7 +193,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stri
         elif HAS_SEQ_START:
             # every row still sees a key of this block: the block holds `first` or lies past it
             s = tl.where(cols[None, :] >= first, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if MASKED:
             # a row with no visible key so far has m = -inf: exponentiate against 0 so that -inf - -inf never
             # makes a NaN; m itself stays -inf so that it is no false lower bound for later blocks
@@ -115,16 +201,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stri
         else:
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=dmask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        v0 = tl.load(v_blk + d0[None, :] * stride_vd, mask=(rmask & dm0) if MASKED else dm0, other=0.0)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            v1 = tl.load(v_blk + d1[None, :] * stride_vd, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v_blk + d2[None, :] * stride_vd, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc0, acc1, acc2, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -136,8 +225,9 @@ def _attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads, group, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, VARLEN: tl.constexpr, ROW_STRIDE8: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -155,42 +245,50 @@ def _attn_fwd_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    d0, dm0, d1, dm1, d2, dm2 = _head_cols(BLOCK_D, BLOCK_D1, BLOCK_D2, HEAD_DIM)
     rows = m_start + offs_m
-    row_mask = (rows[:, None] < q_len) & dmask
+    row_ok = rows[:, None] < q_len
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = (h // group).to(tl.int64)
     row0 = (q_start + m_start).to(tl.int64)
     k0 = (k_start + 0 * b).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt
-                + (offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd), mask=row_mask, other=0.0)
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kt
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vt
-    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    if ROW_STRIDE8:  # a row stride that is not a multiple of 16 (see _mult8)
+        stride_qt = _mult8(stride_qt)
+        stride_kt = _mult8(stride_kt)
+        stride_vt = _mult8(stride_vt)
+        stride_ot = _mult8(stride_ot)
+    q_rows = (Q + b64 * _mult8(stride_qb) + h64 * _mult8(stride_qh) + row0 * stride_qt
+              + offs_m[:, None] * stride_qt)
+    q0, q1, q2 = _load_blocks(q_rows, stride_qd, row_ok, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    acc0, acc1, acc2 = _zero_blocks(BLOCK_M, BLOCK_D, BLOCK_D1, BLOCK_D2)
+    k_base = K + b64 * _mult8(stride_kb) + hk64 * _mult8(stride_kh) + k0 * stride_kt
+    v_base = V + b64 * _mult8(stride_vb) + hk64 * _mult8(stride_vh) + k0 * stride_vt
     rows_shift = rows + shift
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid, hi = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-                               lo, mid, rows_shift, first, k_len, qk_scale, offs_n,
-                               BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-                               mid, hi, rows_shift, first, k_len, qk_scale, offs_n,
-                               BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    # the masked blocks (the causal diagonal, the sequence end) first: when the unmasked loop runs no iteration,
+    # its exit would otherwise hand the masked loop's wgmma an accumulator defined by plain moves (the zeros),
+    # and ptxas serializes every wgmma of that loop (C7515)
+    acc0, acc1, acc2, l_i, m_i = _fwd_inner(
+        acc0, acc1, acc2, l_i, m_i, q0, q1, q2, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        d0, dm0, d1, dm1, d2, dm2, mid, hi, rows_shift, first, k_len, qk_scale, offs_n,
+        BLOCK_D1, BLOCK_D2, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    acc0, acc1, acc2, l_i, m_i = _fwd_inner(
+        acc0, acc1, acc2, l_i, m_i, q0, q1, q2, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        d0, dm0, d1, dm1, d2, dm2, lo, mid, rows_shift, first, k_len, qk_scale, offs_n,
+        BLOCK_D1, BLOCK_D2, BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
 
     # a row that saw no key (above the diagonal when q_len > k_len, or every key padded) outputs 0, lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    o_rows = (O + b64 * _mult8(stride_ob) + h64 * _mult8(stride_oh) + row0 * stride_ot
+              + offs_m[:, None] * stride_ot)
+    _store_blocks(o_rows, stride_od, row_ok, acc0, acc1, acc2, (1.0 / l_safe)[:, None], d0, dm0, d1, dm1, d2, dm2,
+                  BLOCK_D1, BLOCK_D2)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-    tl.store(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot
-             + (offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od),
-             out.to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, lse, mask=rows < q_len)
 
 
@@ -201,7 +299,8 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lh,
     seqlen_q, n_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, ROW_STRIDE8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -223,35 +322,46 @@ def _attn_bwd_preprocess_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     row0 = (q_start + m_start).to(tl.int64)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot
+    if ROW_STRIDE8:  # a row stride that is not a multiple of 16 (see _mult8)
+        stride_ot = _mult8(stride_ot)
+        stride_dot = _mult8(stride_dot)
+    o = tl.load(O + b64 * _mult8(stride_ob) + h64 * _mult8(stride_oh) + row0 * stride_ot
                 + (offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od), mask=mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
+    do = tl.load(DO + b64 * _mult8(stride_dob) + h64 * _mult8(stride_doh) + row0 * stride_dot
                  + (offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, delta, mask=rows < q_len)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-              n_lo, n_hi, rows_shift, first, k_len, qk_scale, offs_n,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    # counting blocks rather than `range(n_lo, n_hi, BLOCK_N)`: with a loop start that depends on a loaded value
-    # (seq_start), ptxas serializes the sm_90 wgmma instructions of the pipelined loop
-    for it in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
+def _dq_inner(dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse, delta, k_base, v_base, stride_kt, stride_kd,
+              stride_vt, stride_vd, d0, dm0, d1, dm1, d2, dm2, n_lo, n_hi, rows_shift, first, k_len, qk_scale,
+              offs_n, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, DOT_PREC: tl.constexpr):
+    k_tile = offs_n[:, None] * stride_kt
+    v_tile = offs_n[:, None] * stride_vt
+    for it in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):  # counting blocks: see _fwd_inner
         start_n = tl.multiple_of(n_lo + it * BLOCK_N, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k_ptrs = k_base + n64 * stride_kt + k_tile
-        v_ptrs = v_base + n64 * stride_vt + v_tile
+        k_blk = k_base + n64 * stride_kt + k_tile
+        v_blk = v_base + n64 * stride_vt + v_tile
         cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & dmask, other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=dmask, other=0.0)
-            v = tl.load(v_ptrs, mask=dmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        rmask = cols[:, None] < k_len
+        k0 = tl.load(k_blk + d0[None, :] * stride_kd, mask=(rmask & dm0) if MASKED else dm0, other=0.0)
+        v0 = tl.load(v_blk + d0[None, :] * stride_vd, mask=(rmask & dm0) if MASKED else dm0, other=0.0)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = tl.load(k_blk + d1[None, :] * stride_kd, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            v1 = tl.load(v_blk + d1[None, :] * stride_vd, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k_blk + d2[None, :] * stride_kd, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            v2 = tl.load(v_blk + d2[None, :] * stride_vd, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             valid = cols[None, :] < k_len
             if CAUSAL:
@@ -261,10 +371,13 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, 
             p = tl.where(valid, p, 0.0)
         elif HAS_SEQ_START:
             p = tl.where(cols[None, :] >= first, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    return dq
+        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+    return dq0, dq1, dq2
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -277,8 +390,9 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, VARLEN: tl.constexpr, ROW_STRIDE8: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -295,79 +409,110 @@ def _attn_bwd_dq_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    d0, dm0, d1, dm1, d2, dm2 = _head_cols(BLOCK_D, BLOCK_D1, BLOCK_D2, HEAD_DIM)
     rows = m_start + offs_m
-    row_mask = (rows[:, None] < q_len) & dmask
+    row_ok = rows[:, None] < q_len
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = (h // group).to(tl.int64)
     row0 = (q_start + m_start).to(tl.int64)
     k0 = (k_start + 0 * b).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt
-                + (offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd), mask=row_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dot
-                 + (offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod), mask=row_mask, other=0.0)
+    if ROW_STRIDE8:  # a row stride that is not a multiple of 16 (see _mult8)
+        stride_qt = _mult8(stride_qt)
+        stride_kt = _mult8(stride_kt)
+        stride_vt = _mult8(stride_vt)
+        stride_dot = _mult8(stride_dot)
+        stride_dqt = _mult8(stride_dqt)
+    q_rows = (Q + b64 * _mult8(stride_qb) + h64 * _mult8(stride_qh) + row0 * stride_qt
+              + offs_m[:, None] * stride_qt)
+    do_rows = (DO + b64 * _mult8(stride_dob) + h64 * _mult8(stride_doh) + row0 * stride_dot
+               + offs_m[:, None] * stride_dot)
+    q0, q1, q2 = _load_blocks(q_rows, stride_qd, row_ok, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    do0, do1, do2 = _load_blocks(do_rows, stride_dod, row_ok, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    dq0, dq1, dq2 = _zero_blocks(BLOCK_M, BLOCK_D, BLOCK_D1, BLOCK_D2)
     l_ptrs = b64 * stride_lb + h64 * stride_lh + row0 + offs_m
     lse = tl.load(LSE + l_ptrs, mask=rows < q_len, other=0.0)
     # a row that sees no key has lse = -inf: +inf makes every exp2(s - lse) of that row 0 instead of NaN
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + l_ptrs, mask=rows < q_len, other=0.0)
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kt
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vt
-    k_tile = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_tile = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_base = K + b64 * _mult8(stride_kb) + hk64 * _mult8(stride_kh) + k0 * stride_kt
+    v_base = V + b64 * _mult8(stride_vb) + hk64 * _mult8(stride_vh) + k0 * stride_vt
     rows_shift = rows + shift
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid, hi = _key_split(m_start, k_len, shift, first, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-                   lo, mid, rows_shift, first, k_len, qk_scale, offs_n,
-                   BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_tile, v_tile, stride_kt, stride_vt, dmask,
-                   mid, hi, rows_shift, first, k_len, qk_scale, offs_n,
-                   BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
-    dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqt
-             + (offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd),
-             dq.to(DQ.dtype.element_ty), mask=row_mask)
+    # masked blocks first, as in the forward (wgmma accumulators defined by wgmma only)
+    dq0, dq1, dq2 = _dq_inner(dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse, delta, k_base, v_base, stride_kt,
+                              stride_kd, stride_vt, stride_vd, d0, dm0, d1, dm1, d2, dm2, mid, hi, rows_shift,
+                              first, k_len, qk_scale, offs_n,
+                              BLOCK_D1, BLOCK_D2, BLOCK_N, True, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    dq0, dq1, dq2 = _dq_inner(dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse, delta, k_base, v_base, stride_kt,
+                              stride_kd, stride_vt, stride_vd, d0, dm0, d1, dm1, d2, dm2, lo, mid, rows_shift,
+                              first, k_len, qk_scale, offs_n,
+                              BLOCK_D1, BLOCK_D2, BLOCK_N, False, CAUSAL, HAS_SEQ_START, DOT_PREC)
+    dq_rows = (DQ + b64 * _mult8(stride_dqb) + h64 * _mult8(stride_dqh) + row0 * stride_dqt
+               + offs_m[:, None] * stride_dqt)
+    _store_blocks(dq_rows, stride_dqd, row_ok, dq0, dq1, dq2, sm_scale, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile, stride_qt, stride_dot, dmask,
+def _dkdv_inner(dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_base, do_base, l_ptrs, LSE, DELTA,
+                stride_qt, stride_qd, stride_dot, stride_dod, d0, dm0, d1, dm1, d2, dm2,
                 m_lo, m_hi, col_ok, cols_shift, q_len, qk_scale, offs_m,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     # works on the transposed scores S^T [keys, queries], so that P^T and dS^T come out directly
+    q_tile = offs_m[:, None] * stride_qt
+    do_tile = offs_m[:, None] * stride_dot
     for it in range(0, tl.cdiv(m_hi - m_lo, BLOCK_M)):  # counting blocks: see _fwd_inner
         start_m = tl.multiple_of(m_lo + it * BLOCK_M, BLOCK_M)
         m64 = start_m.to(tl.int64)
-        q_ptrs = q_base + m64 * stride_qt + q_tile
-        do_ptrs = do_base + m64 * stride_dot + do_tile
+        q_blk = q_base + m64 * stride_qt + q_tile
+        do_blk = do_base + m64 * stride_dot + do_tile
+        rows = start_m + offs_m
+        rmask = rows[:, None] < q_len
         if MASKED:
-            rows = start_m + offs_m
-            q = tl.load(q_ptrs, mask=(rows[:, None] < q_len) & dmask, other=0.0)
+            q0 = tl.load(q_blk + d0[None, :] * stride_qd, mask=rmask & dm0, other=0.0)
             lse = tl.load(LSE + l_ptrs + m64, mask=rows < q_len, other=0.0)
         else:
-            q = tl.load(q_ptrs, mask=dmask, other=0.0)
+            q0 = tl.load(q_blk + d0[None, :] * stride_qd, mask=dm0, other=0.0)
             lse = tl.load(LSE + l_ptrs + m64)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            q1 = tl.load(q_blk + d1[None, :] * stride_qd, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            q2 = tl.load(q_blk + d2[None, :] * stride_qd, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=DOT_PREC)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
             valid = (rows[None, :] < q_len) & col_ok
             if CAUSAL:
                 valid = valid & (cols_shift[:, None] <= rows[None, :])
             p_t = tl.where(valid, p_t, 0.0)
-            do = tl.load(do_ptrs, mask=(rows[:, None] < q_len) & dmask, other=0.0)
+            do0 = tl.load(do_blk + d0[None, :] * stride_dod, mask=rmask & dm0, other=0.0)
             delta = tl.load(DELTA + l_ptrs + m64, mask=rows < q_len, other=0.0)
         else:
-            do = tl.load(do_ptrs, mask=dmask, other=0.0)
+            do0 = tl.load(do_blk + d0[None, :] * stride_dod, mask=dm0, other=0.0)
             delta = tl.load(DELTA + l_ptrs + m64)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
+        p16 = p_t.to(do0.dtype)
+        dv0 = tl.dot(p16, do0, dv0, input_precision=DOT_PREC)
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            do1 = tl.load(do_blk + d1[None, :] * stride_dod, mask=(rmask & dm1) if MASKED else dm1, other=0.0)
+            dv1 = tl.dot(p16, do1, dv1, input_precision=DOT_PREC)
+            dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            do2 = tl.load(do_blk + d2[None, :] * stride_dod, mask=(rmask & dm2) if MASKED else dm2, other=0.0)
+            dv2 = tl.dot(p16, do2, dv2, input_precision=DOT_PREC)
+            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+        dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)
+        if BLOCK_D1 > 0:
+            dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+        if BLOCK_D2 > 0:
+            dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PREC)
+    return dk0, dk1, dk2, dv0, dv1, dv2
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
@@ -381,8 +526,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_kv_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, VARLEN: tl.constexpr, ROW_STRIDE8: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -397,24 +543,32 @@ def _attn_bwd_dkdv_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    d0, dm0, d1, dm1, d2, dm2 = _head_cols(BLOCK_D, BLOCK_D1, BLOCK_D2, HEAD_DIM)
     cols = n_start + offs_n
-    col_mask = (cols[:, None] < k_len) & dmask
+    col_in = cols[:, None] < k_len
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
     col0 = (k_start + n_start).to(tl.int64)
-    q0 = (q_start + 0 * b).to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + col0 * stride_kt
-                + (offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd), mask=col_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + col0 * stride_vt
-                + (offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd), mask=col_mask, other=0.0)
-    col_ok = cols[:, None] < k_len
+    q0_row = (q_start + 0 * b).to(tl.int64)
+    if ROW_STRIDE8:  # a row stride that is not a multiple of 16 (see _mult8)
+        stride_qt = _mult8(stride_qt)
+        stride_kt = _mult8(stride_kt)
+        stride_vt = _mult8(stride_vt)
+        stride_dot = _mult8(stride_dot)
+        stride_dkt = _mult8(stride_dkt)
+        stride_dvt = _mult8(stride_dvt)
+    k_rows = (K + b64 * _mult8(stride_kb) + hk64 * _mult8(stride_kh) + col0 * stride_kt
+              + offs_n[:, None] * stride_kt)
+    v_rows = (V + b64 * _mult8(stride_vb) + hk64 * _mult8(stride_vh) + col0 * stride_vt
+              + offs_n[:, None] * stride_vt)
+    k0, k1, k2 = _load_blocks(k_rows, stride_kd, col_in, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    v0, v1, v2 = _load_blocks(v_rows, stride_vd, col_in, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    dk0, dk1, dk2 = _zero_blocks(BLOCK_N, BLOCK_D, BLOCK_D1, BLOCK_D2)
+    dv0, dv1, dv2 = _zero_blocks(BLOCK_N, BLOCK_D, BLOCK_D1, BLOCK_D2)
+    col_ok = col_in
     if HAS_SEQ_START:
         col_ok = col_ok & (cols[:, None] >= first)
     cols_shift = cols - shift
-    q_tile = offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    do_tile = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
 
     # The query blocks that see this key block: [m0, m1) masked, [m1, m2) no mask, [m2, m3) masked.
     m3 = q_len
@@ -435,28 +589,28 @@ def _attn_bwd_dkdv_kernel(
         whole_block = whole_block & (n_start >= first)
     m2 = tl.maximum(tl.where(whole_block, (m3 // BLOCK_M) * BLOCK_M, m1), m1)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # grouped-query attention: query heads hk * group ... hk * group + group - 1 share this KV head, their
     # contributions are summed here in registers
     for g in range(0, group):
         h64 = (hk * group + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qt
-        do_base = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dot
-        l_ptrs = b64 * stride_lb + h64 * stride_lh + q0 + offs_m
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
-                             stride_qt, stride_dot, dmask, m0, m1, col_ok, cols_shift, q_len, qk_scale, offs_m,
-                             BLOCK_M, True, CAUSAL, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
-                             stride_qt, stride_dot, dmask, m1, m2, col_ok, cols_shift, q_len, qk_scale, offs_m,
-                             BLOCK_M, False, CAUSAL, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_ptrs, LSE, DELTA, q_tile, do_tile,
-                             stride_qt, stride_dot, dmask, m2, m3, col_ok, cols_shift, q_len, qk_scale, offs_m,
-                             BLOCK_M, True, CAUSAL, DOT_PREC)
-    dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkt
-             + (offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd),
-             dk.to(DK.dtype.element_ty), mask=col_mask)
-    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvt
-             + (offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd),
-             dv.to(DV.dtype.element_ty), mask=col_mask)
+        q_base = Q + b64 * _mult8(stride_qb) + h64 * _mult8(stride_qh) + q0_row * stride_qt
+        do_base = DO + b64 * _mult8(stride_dob) + h64 * _mult8(stride_doh) + q0_row * stride_dot
+        l_ptrs = b64 * stride_lb + h64 * stride_lh + q0_row + offs_m
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_inner(
+            dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_base, do_base, l_ptrs, LSE, DELTA,
+            stride_qt, stride_qd, stride_dot, stride_dod, d0, dm0, d1, dm1, d2, dm2,
+            m0, m1, col_ok, cols_shift, q_len, qk_scale, offs_m, BLOCK_D1, BLOCK_D2, BLOCK_M, True, CAUSAL, DOT_PREC)
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_inner(
+            dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_base, do_base, l_ptrs, LSE, DELTA,
+            stride_qt, stride_qd, stride_dot, stride_dod, d0, dm0, d1, dm1, d2, dm2,
+            m1, m2, col_ok, cols_shift, q_len, qk_scale, offs_m, BLOCK_D1, BLOCK_D2, BLOCK_M, False, CAUSAL, DOT_PREC)
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_inner(
+            dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_base, do_base, l_ptrs, LSE, DELTA,
+            stride_qt, stride_qd, stride_dot, stride_dod, d0, dm0, d1, dm1, d2, dm2,
+            m2, m3, col_ok, cols_shift, q_len, qk_scale, offs_m, BLOCK_D1, BLOCK_D2, BLOCK_M, True, CAUSAL, DOT_PREC)
+    dk_rows = (DK + b64 * _mult8(stride_dkb) + hk64 * _mult8(stride_dkh) + col0 * stride_dkt
+               + offs_n[:, None] * stride_dkt)
+    dv_rows = (DV + b64 * _mult8(stride_dvb) + hk64 * _mult8(stride_dvh) + col0 * stride_dvt
+               + offs_n[:, None] * stride_dvt)
+    _store_blocks(dk_rows, stride_dkd, col_in, dk0, dk1, dk2, sm_scale, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)
+    _store_blocks(dv_rows, stride_dvd, col_in, dv0, dv1, dv2, 1.0, d0, dm0, d1, dm1, d2, dm2, BLOCK_D1, BLOCK_D2)

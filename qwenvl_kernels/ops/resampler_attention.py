@@ -72,15 +72,18 @@ from ..launch import (LOG2E, MAX_HEAD_DIM, Launcher, UnsupportedInput, block_d, 
                       dot_precision, empty, interpreting, num_programs_hint, unit_last_stride)
 
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in pairs for w in (4, 8) for s in (2, 3)]
+def _c(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
+# The candidates that compile to unserialized wgmma without spills under Triton 3.6 and 3.9 (bench/compile_check.py
+# checks every one for sm_90a), with 64 rows per warpgroup (8 warps on 64 rows would split each product's columns
+# between the two warpgroups) and score tiles at least 32 wide (mma.sync below 64 query rows, 64x16 wgmma below 32
+# keys).
 CONFIGS = {
-    "fwd": _configs([(64, 64), (128, 64), (128, 32), (64, 32)]),
-    "dkv": _configs([(64, 64), (32, 64), (64, 128), (32, 128)]),
-    "dq": _configs([(64, 64), (64, 32), (128, 64), (32, 64)]),
+    "fwd": [_c(128, 64, 8, 3), _c(128, 64, 8, 2), _c(64, 64, 4, 3), _c(64, 64, 4, 2)],
+    "dkv": [_c(32, 128, 8, 2), _c(32, 128, 8, 3), _c(32, 64, 4, 2), _c(32, 64, 4, 3)],
+    "dq": [_c(128, 64, 8, 2), _c(128, 64, 8, 3), _c(128, 32, 8, 3), _c(64, 64, 4, 2)],
     "delta": [triton.Config({"BLOCK_M": 32}, num_warps=4)],
 }
 # small blocks under the interpreter so that the tests' short sequences still cross block edges
@@ -133,14 +136,16 @@ def _fwd_kernel(Q, KX, V, PK, O, LSE,
         k = (kx.to(tl.float32) + pk.to(tl.float32)).to(q.dtype)
         v = tl.load(v_base + rows_n[:, None] * stride_kn + col[None, :], mask=tile_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         s = tl.where(mask_n[None, :], s, float("-inf"))
-        # the first key block always holds a real key, so m_new is finite and alpha(-inf) = 0 on the first step
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # m is the row max of the scaled scores: the scale (> 0) meets each score once, inside exp2's FFMA.
+        # The first key block always holds a real key, so m_new is finite and alpha(-inf) = 0 on the first step
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        # the accumulator goes into the product (not added after it): defined by wgmma only, never serialized
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -210,10 +215,10 @@ def _bwd_dkv_kernel(Q, KX, V, PK, DO, LSE, DELTA, DK, DV,
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
     out_off = b * stride_gb + rows_n[:, None] * stride_gn + col[None, :]
@@ -266,7 +271,7 @@ def _bwd_dq_kernel(Q, KX, V, PK, DO, LSE, DELTA, DQ,
             p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + pid_s.to(tl.int64) * stride_dqs + rows_m[:, None] * stride_dqm + col[None, :], dq, mask=q_mask)
