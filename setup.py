@@ -11,8 +11,6 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "einops",
-        "transformers",
         "safetensors",
         "numpy",
         "pillow",
@@ -20,6 +18,8 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # patch_official_model works on a model built by transformers and the official remote code
+        "official": ["transformers>=4.32,<6"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["qwenvl=qwenvl.cli:main"]},

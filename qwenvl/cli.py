@@ -44,24 +44,20 @@ def check_kernels(name: str):
 
 
 # --- generate and chat ----------------------------------------------------------------------------------------
-def _generation_config(folder: str) -> dict:
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    from .jsonfile import read_json_object
-
-    return read_json_object(path)
-
-
 def _prepare(args):
     """Everything but the model, checked: (config, tokenizer, generation options, chat format, system prompt)."""
     from .config import QwenVLConfig, resolve_device, resolve_dtype
     from .generation import check_sampling
+    from .generation_config import read_generation_defaults
     from .processing import open_rgb
-    from .prompts import DEFAULT_SYSTEM
     from .tokenizer import QwenVLTokenizer
 
     config = QwenVLConfig.from_json(args.checkpoint)
+    defaults = read_generation_defaults(args.checkpoint)
+    options = defaults.sampling()
+    for key in options:  # a flag given on the command line wins over the folder's generation_config.json
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     resolve_dtype(args.dtype)
     args.device = resolve_device(args.device or ("cuda" if _cuda() else "cpu"))
     check_kernels(args.kernels)
@@ -72,23 +68,16 @@ def _prepare(args):
             f"{tokenizer.img_start_id}) do not fit the model ({config.vision.n_queries} queries, <img> = "
             f"{config.vision.image_start_id}): this folder mixes two models"
         )
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    check_sampling(args.sample, args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    if options["max_new_tokens"] < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {options['max_new_tokens']}")
+    check_sampling(options["do_sample"], options["temperature"], options["top_p"], options["top_k"],
+                   options["repetition_penalty"])
     for image in args.image:
         open_rgb(image)
     if args.draw:
         _check_draw(args.draw)
-    gen_config = _generation_config(args.checkpoint)
-    chat_format = args.format or gen_config.get("chat_format", "raw")
-    if chat_format not in ("raw", "chatml"):
-        raise ValueError(f"generation_config.json: chat_format must be 'raw' or 'chatml', got {chat_format!r}")
-    system = gen_config.get("system", DEFAULT_SYSTEM)
-    if not isinstance(system, str):
-        raise ValueError(f"generation_config.json: system must be a string, got {system!r}")
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-    return config, tokenizer, options, chat_format, system
+    chat_format = args.format or defaults.chat_format
+    return config, tokenizer, options, chat_format, defaults.system
 
 
 def _cuda() -> bool:
@@ -264,12 +253,14 @@ def _model_args(p):
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # decoding: None means "the checkpoint's generation_config.json, else greedy with at most 128 new tokens"
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--sample", "--do-sample", dest="do_sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--sample) or decode greedily (--no-sample); default: generation_config.json")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--format", choices=["raw", "chatml"], default=None,
                    help="prompt format (default: generation_config.json's chat_format, else raw)")
     p.add_argument("--draw", default=None, metavar="FILE.png",

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .processing import denormalize_box, open_rgb
+from .processing import GRID, denormalize_box, open_rgb
 
 # one colour per parsed entry, cycled; saturated so the boxes stand out on photos
 BOX_COLORS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 160, 0), (200, 0, 200), (0, 200, 200), (255, 255, 0))
@@ -69,7 +69,7 @@ def _with_title(img: Image.Image, title: str, font, pad: int) -> Image.Image:
 def draw_boxes(image, parsed: Iterable[dict], out_path, title: str | None = None) -> Image.Image:
     """Draw parsed grounding (from parse_grounding) on a copy of image and save it as PNG at out_path.
 
-    Boxes are on the [0, 1000) grid and are scaled to the image's own size; each entry gets one colour and its ref
+    Boxes and quads are on the [0, 1000) grid and are scaled to the image's own size; each entry gets one colour and its ref
     written on a tag at its first box. `title` (e.g. the question) goes in a band above the picture. Returns the
     drawn image.
     """
@@ -96,6 +96,12 @@ def draw_boxes(image, parsed: Iterable[dict], out_path, title: str | None = None
             draw.rectangle([x1, y1, x2, y2], outline=color, width=line)
             if k == 0 and entry.get("ref"):
                 _label(draw, (w, h), (x1, y1), str(entry["ref"]), color, font, line)
+        for k, quad in enumerate(entry.get("quads", ())):
+            corners = [(round(x / GRID * w), round(y / GRID * h)) for x, y in zip(quad[0::2], quad[1::2])]
+            draw.polygon(corners, outline=_contrast(color), width=line + 2)
+            draw.polygon(corners, outline=color, width=line)
+            if k == 0 and not entry["boxes"] and entry.get("ref"):
+                _label(draw, (w, h), min(corners, key=lambda c: (c[1], c[0])), str(entry["ref"]), color, font, line)
     if title:
         img = _with_title(img, title, font, pad=line * 3)
     img.save(out_path, format="PNG")

@@ -184,43 +184,49 @@ def format_ref(ref: str) -> str:
     return f"<ref>{ref}</ref>"
 
 
-_TAG = re.compile(r"<ref>(.*?)</ref>|<box>(.*?)</box>", re.DOTALL)
-_BOX_BODY = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
+_TAG = re.compile(r"<ref>(.*?)</ref>|<(box|quad)>(.*?)</(?:box|quad)>", re.DOTALL)
+_POINT = r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*"
+_BODY = {"box": re.compile(",".join([_POINT] * 2)), "quad": re.compile(",".join([_POINT] * 4))}
+_LIST = {"box": "boxes", "quad": "quads"}
+_EXPECTED = {"box": "<box>(x1,y1),(x2,y2)</box>", "quad": "<quad>(x1,y1),(x2,y2),(x3,y3),(x4,y4)</quad>"}
 
 
 def parse_grounding(text: str, strict: bool = True) -> list[dict]:
-    """Every `<ref>..</ref>` followed by one or more boxes, and every run of boxes without a ref.
+    """Every `<ref>..</ref>` followed by one or more regions, and every run of regions without a ref.
 
-    Returns [{"ref": str | None, "boxes": [(x1, y1, x2, y2), ...]}] in text order. Only whitespace may separate a
-    ref from its boxes and the boxes of one run; a ref not followed by a box is skipped. A box whose content is not
-    `(x1,y1),(x2,y2)` raises ValueError, or is skipped with strict=False (model output can be malformed).
+    A region is a box `<box>(x1,y1),(x2,y2)</box>` or a quadrilateral `<quad>(x1,y1),..,(x4,y4)</quad>` (the four
+    corners of rotated text in Qwen-VL's OCR grounding data), both on the [0, 1000) grid. Returns
+    [{"ref": str | None, "boxes": [(x1, y1, x2, y2), ...], "quads": [(x1, y1, .., x4, y4), ...]}] in text order.
+    Only whitespace may separate a ref from its regions and the regions of one run; a ref not followed by a region
+    is skipped. A region whose content does not match raises ValueError, or is skipped with strict=False (model
+    output can be malformed).
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_grounding expects a str, got {type(text).__name__}")
     out: list[dict] = []
-    current = None      # the entry that a following box joins
+    current = None      # the entry that a following region joins
     last_end = 0
     for m in _TAG.finditer(text):
         if text[last_end:m.start()].strip():
             current = None  # text in between ends a group
         last_end = m.end()
         if m.group(1) is not None:
-            current = {"ref": m.group(1).strip(), "boxes": []}
+            current = {"ref": m.group(1).strip(), "boxes": [], "quads": []}
             continue
-        body = _BOX_BODY.fullmatch(m.group(2))
-        if body is None:
+        kind, content = m.group(2), m.group(3)
+        body = _BODY[kind].fullmatch(content)
+        if body is None or not m.group(0).endswith(f"</{kind}>"):
             if strict:
                 raise ValueError(
-                    f"malformed box {m.group(0)!r}: expected <box>(x1,y1),(x2,y2)</box> with integers; "
-                    f"pass strict=False to skip such boxes"
+                    f"malformed {kind} {m.group(0)!r}: expected {_EXPECTED[kind]} with integers; "
+                    f"pass strict=False to skip such regions"
                 )
             continue
-        box = tuple(int(v) for v in body.groups())
         if current is None:
-            current = {"ref": None, "boxes": []}
-        if not current["boxes"]:
+            current = {"ref": None, "boxes": [], "quads": []}
+        if not (current["boxes"] or current["quads"]):
             out.append(current)
-        current["boxes"].append(box)
+        current[_LIST[kind]].append(tuple(int(v) for v in body.groups()))
     return out
 
 

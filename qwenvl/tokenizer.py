@@ -237,8 +237,9 @@ class QwenVLTokenizer:
         data = path.encode("utf-8")
         if len(data) > self.n_image_tokens:
             raise ValueError(
-                f"The content in {IMG_START}..{IMG_END} is too long: {len(data)} UTF-8 bytes, the span holds "
-                f"{self.n_image_tokens}. Move or rename the image to a shorter path (or a relative one)."
+                f"The content in {IMG_START}..{IMG_END} is too long: {len(data)} UTF-8 bytes, this model's image span "
+                f"holds {self.n_image_tokens} (the released Qwen-VL 256, the tiny preset 64, the demo preset 16). "
+                f"Move or rename the image to a shorter path (or a relative one)."
             )
         return [self.img_start_id, *data, *[self.img_pad_id] * (self.n_image_tokens - len(data)), self.img_end_id]
 

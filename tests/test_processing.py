@@ -156,23 +156,41 @@ def test_format():
         format_ref("<ref>x</ref>")
 
 
+def _entry(ref, boxes=(), quads=()):
+    return {"ref": ref, "boxes": list(boxes), "quads": list(quads)}
+
+
 def test_parse_grounding():
     text = ("<ref>the dog</ref><box>(1,2),(3,4)</box> and <ref> two cats </ref><box>(5,6),(7,8)</box>\n"
             "<box>(9, 10), (11, 12)</box>, plus <box>(13,14),(15,16)</box><box>(17,18),(19,20)</box>"
             " <ref>nothing</ref> here <box>(21,22),(23,24)</box>")
     assert parse_grounding(text) == [
-        {"ref": "the dog", "boxes": [(1, 2, 3, 4)]},
-        {"ref": "two cats", "boxes": [(5, 6, 7, 8), (9, 10, 11, 12)]},
-        {"ref": None, "boxes": [(13, 14, 15, 16), (17, 18, 19, 20)]},
-        {"ref": None, "boxes": [(21, 22, 23, 24)]},
+        _entry("the dog", [(1, 2, 3, 4)]),
+        _entry("two cats", [(5, 6, 7, 8), (9, 10, 11, 12)]),
+        _entry(None, [(13, 14, 15, 16), (17, 18, 19, 20)]),
+        _entry(None, [(21, 22, 23, 24)]),
     ]
     assert parse_grounding("no boxes here") == []
     # what format_ref / format_box write parses back
-    assert parse_grounding(format_ref("x") + format_box((1, 2, 3, 4))) == [{"ref": "x", "boxes": [(1, 2, 3, 4)]}]
+    assert parse_grounding(format_ref("x") + format_box((1, 2, 3, 4))) == [_entry("x", [(1, 2, 3, 4)])]
     bad = "<ref>a</ref><box>(1,2)</box><box>(1,2),(3,4)</box>"
     with pytest.raises(ValueError, match="malformed"):
         parse_grounding(bad)
-    assert parse_grounding(bad, strict=False) == [{"ref": "a", "boxes": [(1, 2, 3, 4)]}]
+    assert parse_grounding(bad, strict=False) == [_entry("a", [(1, 2, 3, 4)])]
+
+
+def test_parse_grounding_quads():
+    # OCR grounding: the four corners of a rotated word, alone or mixed with boxes under one ref
+    text = ("<ref>STOP</ref><quad>(10,20),(90,25),(88,60),(8,55)</quad> and "
+            "<ref>sign</ref><box>(1,2),(3,4)</box><quad>(5, 6),(7,8),(9,10),(11,12)</quad>")
+    assert parse_grounding(text) == [
+        _entry("STOP", quads=[(10, 20, 90, 25, 88, 60, 8, 55)]),
+        _entry("sign", [(1, 2, 3, 4)], [(5, 6, 7, 8, 9, 10, 11, 12)]),
+    ]
+    for bad in ("<quad>(1,2),(3,4)</quad>", "<quad>(1,2),(3,4),(5,6),(7,8)</box>"):
+        with pytest.raises(ValueError, match="malformed quad"):
+            parse_grounding(bad)
+        assert parse_grounding(bad, strict=False) == []
 
 
 def test_box_iou():
@@ -220,3 +238,11 @@ def test_drawn_boxes_are_visible_at_any_size(tmp_path):
                         tmp_path / "t.png", title="Where is the red circle?")
     assert titled.size[0] == 100 and titled.size[1] > 100  # a band above the picture
     assert any(sum(titled.getpixel((x, y))) < 200 for x in range(100) for y in range(titled.size[1] - 100))
+
+
+def test_draw_quads(tmp_path):
+    img = Image.new("RGB", (200, 100), (255, 255, 255))
+    quad = (250, 200, 750, 200, 750, 800, 250, 800)  # an axis-aligned quad: (50, 20)-(150, 80) in pixels
+    drawn = draw_boxes(img, [{"ref": "word", "boxes": [], "quads": [quad]}], tmp_path / "q.png")
+    assert drawn.getpixel((100, 20)) == BOX_COLORS[0] and drawn.getpixel((50, 50)) == BOX_COLORS[0]
+    assert drawn.getpixel((100, 50)) == (255, 255, 255)

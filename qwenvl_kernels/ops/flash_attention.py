@@ -1,5 +1,5 @@
-"""Flash attention on the kernels of `flash_attention_kernels.py`: launch configurations, custom ops, autograd, and
-the backend's two calls.
+"""Flash attention on the kernels of `flash_attention_kernels.py` (forward) and `flash_attention_bwd_kernels.py`:
+launch configurations, custom ops, autograd, and the backend's two calls.
 
 - `attention(q, k, v, causal=False, softmax_scale=None, seq_start=None)`: `reference.attention` (flash-attn 2
   layout, bottom-right causal, left padding through `seq_start`).
@@ -27,8 +27,8 @@ import triton
 
 from ..launch import (LOG2E, Launcher, UnsupportedInput, block_d, check_device, check_grid, check_head_dim, check_heads,
                       check_index, check_tensor, check_tensors, dot_precision, empty, softmax_scale_of, tracing)
-from .flash_attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
-                                      _attn_fwd_kernel)
+from .flash_attention_bwd_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .flash_attention_kernels import _attn_fwd_kernel
 
 
 def _cfg(block_m, block_n, warps, stages):
