@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .flash_attention_kernels import _mult8, _seq_info, _key_split, _head_cols, _load_blocks, _zero_blocks, _store_blocks
+from .flash_attention_kernels import (_head_cols, _key_split, _load_blocks, _mult8, _query_block, _seq_info,
+                                      _store_blocks, _zero_blocks)
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -111,29 +112,16 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_SEQ_START: tl.constexpr, VARLEN: tl.constexpr, ROW_STRIDE8: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    q_start, q_len, k_start, k_len, first = _seq_info(CU_Q, CU_K, SEQ_START, b, seqlen_q, seqlen_k,
-                                                      VARLEN, HAS_SEQ_START)
-    m_start = pid_m * BLOCK_M
+    q_len, k_len, first, m_start, shift, b64, h64, hk64, row0, k0 = _query_block(
+        CU_Q, CU_K, SEQ_START, seqlen_q, seqlen_k, n_heads, group, VARLEN, HAS_SEQ_START, CAUSAL, BLOCK_M)
     if m_start >= q_len:
         return
-    shift = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d0, dm0, d1, dm1, d2, dm2 = _head_cols(BLOCK_D, BLOCK_D1, BLOCK_D2, HEAD_DIM)
     rows = m_start + offs_m
     row_ok = rows[:, None] < q_len
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // group).to(tl.int64)
-    row0 = (q_start + m_start).to(tl.int64)
-    k0 = (k_start + 0 * b).to(tl.int64)
     if ROW_STRIDE8:  # a row stride that is not a multiple of 16 (see _mult8)
         stride_qt = _mult8(stride_qt)
         stride_kt = _mult8(stride_kt)
