@@ -1,7 +1,10 @@
 """Generation with the KV cache: prefill of one image (448 px) + a 30-token prompt, then 128 new tokens (greedy, no
 stop token), batch 1 and 8, on the reduced-depth real-width model (ViT 8/48, decoder 4/32, full vocabulary).
 Prefill and decode are timed apart inside each run (CUDA events at the first and last new token); decode tokens/s is
-batch x 127 / decode time. Target: decode tokens/s >= 1.5x the torch backend at batch 1 and at batch 8."""
+batch x 127 / decode time. Target: decode tokens/s >= 1.5x the torch backend at batch 1 and at batch 8.
+Row "triton-compiled": our kernels with `generate(compile=True)`, the decode step compiled once over a static KV
+cache and replayed as a CUDA graph (CUDA only: on the CPU inductor's build alone outlasts the case); its row
+records how many graphs the step compiled (`decode_compiles`: 1 for the whole case)."""
 import time
 
 import pytest
@@ -9,13 +12,14 @@ import torch
 
 from benchlib.cases import params
 from benchlib.compiles import warming
-from benchlib.env import DTYPE, ON_CUDA
+from benchlib.env import DTYPE, ON_CUDA, compile_available
 from benchlib.models import Lazy, build_on_device, model_config, param_bytes, set_kernels, vl_batch
 from benchlib.timing import summarize
 
-IMPLS = ["torch", "triton"]
-# the first of the two rows (torch) builds the model; ours compiles and autotunes its prefill and decode kernels
-COSTS = {"torch": 10, "triton": 8}
+IMPLS = ["torch", "triton", "triton-compiled"]
+# the first row (torch) builds the model; ours compiles and autotunes its prefill and decode kernels; the compiled
+# decode step adds inductor's build and the CUDA graph capture
+COSTS = {"torch": 10, "triton": 8, "triton-compiled": 45}
 # the CPU run keeps the GPU case names (so the targets' bookkeeping is exercised) at toy sizes: batch 2 stands for 8
 BATCHES = {1: 1, 8: 8} if ON_CUDA else {1: 1, 8: 2}
 N_NEW = 128 if ON_CUDA else 3
@@ -42,7 +46,7 @@ def _release():
     MODEL.release()
 
 
-def generate_once(model, ids, pixels, n_new):
+def generate_once(model, ids, pixels, n_new, compile=False):
     """(prefill ms, decode ms, tokens produced): one prefill, then n_new - 1 cached decode steps."""
     from qwenvl.generation import generate_steps
 
@@ -53,7 +57,7 @@ def generate_once(model, ids, pixels, n_new):
         stamps = [0.0] * 3
         mark = lambda i: stamps.__setitem__(i, time.perf_counter())  # noqa: E731
     mark(0)
-    steps = generate_steps(model, ids, pixel_values=pixels, max_new_tokens=n_new)
+    steps = generate_steps(model, ids, pixel_values=pixels, max_new_tokens=n_new, compile=compile)
     next(steps)
     mark(1)
     n = 1 + sum(1 for _ in steps)
@@ -74,21 +78,27 @@ def test_generation(bm, suite, name, impl):
     bm.extra_info.update({"case": decode_case, "impl": impl})
     suite.gate(decode_case, impl)
     with suite.guarded(decode_case, impl, bm.extra_info, bench=bm, title=f"decode, batch {batch}, {N_NEW} new tokens"):
+        compiled = impl.endswith("-compiled")
+        if compiled:
+            compile_available()
+            if warming():  # the warm-up queues Triton launches without running them: nothing to capture
+                return
         cfg, model = MODEL()
-        set_kernels(model, impl)
+        set_kernels(model, impl.removesuffix("-compiled"))
         ids, _, pixels = vl_batch(cfg, batch, N_TEXT, labels=False)
         T = ids.shape[1]
         if ON_CUDA or warming():  # compile / autotune the prefill and decode kernels (the interpreter has none)
-            generate_once(model, ids, pixels, 4)
+            # the compiled step: its build and capture, at the capacity bucket of the timed runs (no recompile)
+            generate_once(model, ids, pixels, N_NEW if compiled else 4, compiled)
         if warming():
             return
         if ON_CUDA:
             torch.cuda.reset_peak_memory_stats()
         runs = []
-        bm.pedantic(lambda: runs.append(generate_once(model, ids, pixels, N_NEW)), rounds=REPS, iterations=1,
-                    warmup_rounds=0)
+        bm.pedantic(lambda: runs.append(generate_once(model, ids, pixels, N_NEW, compiled)), rounds=REPS,
+                    iterations=1, warmup_rounds=0)
         if not runs:  # pytest-benchmark disabled: it skipped the call
-            runs.append(generate_once(model, ids, pixels, N_NEW))
+            runs.append(generate_once(model, ids, pixels, N_NEW, compiled))
         produced = runs[0][2]
         peak = torch.cuda.max_memory_allocated() if ON_CUDA else None
 
@@ -107,6 +117,10 @@ def test_generation(bm, suite, name, impl):
         if peak is not None:
             dec_row["peak_abs_bytes"] = peak
         dec_row.update(new_tokens=produced, prompt_tokens=T, batch=batch)
+        if compiled:
+            from qwenvl.compiled import static_decoder
+
+            dec_row["decode_compiles"] = static_decoder(model, batch, T + N_NEW, "inductor").compiles
         shape = {"batch": batch, "prompt": T, "new_tokens": N_NEW}
         suite.results.put(prefill_case, impl, pre_row, title=f"prefill, batch {batch}, 1 image + {N_TEXT} tokens",
                           shape=shape, mode="module")

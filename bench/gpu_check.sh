@@ -196,7 +196,7 @@ B=bench
 KERNEL_FILES=($B/bench_attention.py $B/bench_norms.py $B/bench_cross_entropy.py $B/bench_resampler.py
               $B/bench_decode_attention.py $B/bench_rotary.py $B/bench_swiglu.py)
 MODEL_FILES=($B/bench_train_step.py $B/bench_generation.py $B/bench_recompiles.py $B/bench_decoder_layer.py
-             $B/bench_adapter.py $B/bench_vision.py)
+             $B/bench_adapter.py $B/bench_vision.py $B/bench_chat.py)
 # the kernel targets may not use the model targets' reserved time
 tier targets-kernels $(clamp $(($(left) - R_MODEL - RESERVE)) 20 $R_KERNELS) "target and not model" "${KERNEL_FILES[@]}"
 tier targets-model $R_MODEL "target and model" "${MODEL_FILES[@]}"

@@ -45,7 +45,8 @@ def check_kernels(name: str):
 
 # --- generate and chat ----------------------------------------------------------------------------------------
 def _prepare(args):
-    """Everything but the model, checked: (config, tokenizer, generation options, chat format, system prompt)."""
+    """Everything but the model, checked: (config, tokenizer, generation options, chat format, the folder's
+    GenerationDefaults: system prompt, history window)."""
     from .config import QwenVLConfig, resolve_device, resolve_dtype
     from .generation import check_sampling
     from .generation_config import read_generation_defaults
@@ -60,6 +61,11 @@ def _prepare(args):
             options[key] = getattr(args, key)
     resolve_dtype(args.dtype)
     args.device = resolve_device(args.device or ("cuda" if _cuda() else "cpu"))
+    if args.compile:
+        from .compiled import check_compile
+
+        check_compile(args.compile, args.device)
+        options["compile"] = args.compile
     check_kernels(args.kernels)
     tokenizer = QwenVLTokenizer.from_pretrained(args.checkpoint)
     if tokenizer.n_image_tokens != config.vision.n_queries or tokenizer.img_start_id != config.vision.image_start_id:
@@ -77,7 +83,7 @@ def _prepare(args):
     if args.draw:
         _check_draw(args.draw)
     chat_format = args.format or defaults.chat_format
-    return config, tokenizer, options, chat_format, defaults.system
+    return config, tokenizer, options, chat_format, defaults
 
 
 def _cuda() -> bool:
@@ -125,7 +131,8 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip() and not args.image:
         raise ValueError("--prompt is empty and no --image was given: there is nothing to answer")
-    _, tok, options, chat_format, system = _prepare(args)
+    _, tok, options, chat_format, defaults = _prepare(args)
+    system = defaults.system
     query = tok.from_list_format([{"image": p} for p in args.image] + [{"text": args.prompt}])
     if chat_format == "chatml":
         chat_ids(tok, query, system=system)  # refused here, not after the model has loaded
@@ -133,7 +140,7 @@ def cmd_generate(args) -> int:
         ids = torch.tensor([tok.encode(query)], dtype=torch.long)
     model = _load_model(args)
     if chat_format == "chatml":
-        response, _ = chat(model, tok, query, system=system, **options)
+        response, _ = chat(model, tok, query, system=system, max_window_size=defaults.max_window_size, **options)
     else:
         pix = images_for(ids, tok, model.config.vision.image_size) if args.image else None
         if pix is not None:
@@ -159,7 +166,8 @@ def cmd_chat(args) -> int:
     from .generation import chat_stream
     from .processing import open_rgb
 
-    _, tok, options, _, system = _prepare(args)
+    _, tok, options, _, defaults = _prepare(args)
+    system, window = defaults.system, defaults.max_window_size
     model = _load_model(args)
     history = []
     pending_images = list(args.image)
@@ -188,7 +196,8 @@ def cmd_chat(args) -> int:
         try:
             query = tok.from_list_format([{"image": p} for p in pending_images] + [{"text": line}])
             shown = ""
-            for text in chat_stream(model, tok, query, history=history, system=system, **options):
+            for text in chat_stream(model, tok, query, history=history, system=system, max_window_size=window,
+                                    **options):
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()
                 shown = text
@@ -196,7 +205,7 @@ def cmd_chat(args) -> int:
             print(f"\nqwenvl chat: error: {e}", file=sys.stderr)
             continue
         print()
-        history.append((query, shown))
+        history.append((query, shown.strip()))  # what `chat` returns: the released decode strips the answer
         _draw_if_grounded(shown, pending_images[-1] if pending_images else None, args.draw, line)
         pending_images = []
     return 0
@@ -265,6 +274,9 @@ def _model_args(p):
                    help="prompt format (default: generation_config.json's chat_format, else raw)")
     p.add_argument("--draw", default=None, metavar="FILE.png",
                    help="draw the boxes of a grounded answer on the (first or last attached) image into this PNG")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="decode with a compiled step over a static KV cache (torch.compile, with CUDA graphs on a "
+                        "GPU); BACKEND: a torch.compile backend (default inductor; aot_eager compiles fastest)")
 
 
 def parser() -> Parser:

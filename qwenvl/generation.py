@@ -15,9 +15,10 @@ from typing import Callable, Iterable
 import torch
 
 from .cache import KVCache
+from .compiled import check_compile, static_decoder
 from .config import MAX_CONTEXT
 from .inputs import check_input_ids
-from .prompts import DEFAULT_SYSTEM, chat_ids
+from .prompts import DEFAULT_SYSTEM
 
 
 def _real(v) -> bool:
@@ -103,19 +104,32 @@ def _check_generation(model, input_ids, max_new_tokens, pad_token_id, vocab_size
 
 def generate_steps(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, do_sample=False,
                    temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, eos_token_id=None,
-                   pad_token_id=None, generator=None, image_features=None, vocab_size=None):
-    """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`)."""
+                   pad_token_id=None, generator=None, image_features=None, vocab_size=None, past_key_values=None,
+                   compile=False):
+    """Yield each step's new ids `[B]`: one prefill, then one cached forward per token (see `generate`).
+
+    past_key_values: a KVCache already holding the keys and values of `input_ids[:, :length]` (a chat's earlier
+    turns); only the rest is prefilled (with the images of its spans) and the cache grows in place.
+    """
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
     check_sampling(do_sample, temperature, top_p, top_k, repetition_penalty)
     _check_generation(model, input_ids, max_new_tokens, pad_token_id, vocab_size, generator)
+    if past_key_values is not None and (not isinstance(past_key_values, KVCache)
+                                        or past_key_values.batch != input_ids.shape[0]
+                                        or not 0 <= past_key_values.length < input_ids.shape[1]
+                                        or (past_key_values.length and attention_mask is not None)):
+        raise ValueError("past_key_values must be a KVCache of the same batch holding fewer tokens than input_ids "
+                         "(and no attention_mask when it holds some)")
+    backend = check_compile(compile, model.device)
     stops = _stop_ids(eos_token_id, model.config.text.vocab_size)
     return _steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
-                  repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size)
+                  repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size, past_key_values,
+                  backend)
 
 
 def _steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_p, top_k,
-           repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size):
+           repetition_penalty, stops, pad_token_id, generator, image_features, vocab_size, cache=None, backend=None):
     B, T = input_ids.shape
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
     cfg = model.config.text
@@ -123,33 +137,49 @@ def _steps(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sa
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-    cache = KVCache(cfg.num_hidden_layers, B, T + max_new_tokens, cfg.num_attention_heads, cfg.kv_channels,
-                    model.dtype, device)
-    with torch.no_grad():
-        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, past_key_values=cache,
-                    use_cache=True, image_features=image_features, num_logits_to_keep=1)
-    seen = input_ids
-    if attention_mask is not None:  # padding never counts as a repeated token
-        seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_tensor = torch.tensor(stops, device=device, dtype=input_ids.dtype) if stops else None
-    for step in range(max_new_tokens):
-        logits = _apply_repetition_penalty(out.logits[:, -1].float(), seen, repetition_penalty)
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            # the embedding table is padded past the tokenizer (151936 vs 151860): those ids are not text
-            logits[:, vocab_size:] = float("-inf")
-        nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        yield nxt
-        if stop_tensor is not None:
-            done = done | torch.isin(nxt, stop_tensor)
-            if bool(done.all()):
-                return
-        if step == max_new_tokens - 1:
-            return
-        seen = torch.cat([seen, nxt[:, None]], dim=1)
+    decoder = callers = None
+    if backend is not None:  # the prefill fills the static cache that the compiled steps decode over
+        decoder, callers = static_decoder(model, B, T + max_new_tokens, backend), cache
+        cache = decoder.start(callers)
+    elif cache is None:
+        cache = KVCache(cfg.num_hidden_layers, B, T + max_new_tokens, cfg.num_attention_heads, cfg.kv_channels,
+                        model.dtype, device)
+    past = cache.length
+    try:
         with torch.no_grad():
-            out = model(nxt[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids[:, past:], pixel_values=pixel_values, attention_mask=attention_mask,
+                        past_key_values=cache, use_cache=True, image_features=image_features, num_logits_to_keep=1)
+        logits = out.logits[:, -1]
+        if decoder is not None:
+            decoder.prefilled(model)
+        seen = input_ids
+        if attention_mask is not None:  # padding never counts as a repeated token
+            seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_tensor = torch.tensor(stops, device=device, dtype=input_ids.dtype) if stops else None
+        for step in range(max_new_tokens):
+            logits = _apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+            if vocab_size is not None and vocab_size < logits.shape[-1]:
+                # the embedding table is padded past the tokenizer (151936 vs 151860): those ids are not text
+                logits[:, vocab_size:] = float("-inf")
+            nxt = sample_next(logits, do_sample, temperature, top_p, top_k, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            yield nxt
+            if stop_tensor is not None:
+                done = done | torch.isin(nxt, stop_tensor)
+                if bool(done.all()):
+                    return
+            if step == max_new_tokens - 1:
+                return
+            seen = torch.cat([seen, nxt[:, None]], dim=1)
+            with torch.no_grad():
+                if decoder is not None:
+                    logits = decoder.step(model, nxt)
+                else:
+                    logits = model(nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    finally:
+        if callers is not None:  # the caller's cache ends holding what eager decoding would have left in it
+            callers.load(cache)
 
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
@@ -158,7 +188,9 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
 
     Options: do_sample, temperature, top_p, top_k, repetition_penalty, eos_token_id (int or list: a row stops
     there), pad_token_id (fills a stopped row; default the first stop id), generator, image_features, vocab_size
-    (the tokenizer's: ids past it, padding of the embedding table, are never produced).
+    (the tokenizer's: ids past it, padding of the embedding table, are never produced), compile (True or a
+    torch.compile backend name: the decode step runs compiled over a static-shape KV cache, see `qwenvl.compiled`;
+    the same tokens as eager decoding).
     Returns `[B, T + n]` ids. `streamer`, when given, is called with each step's new ids `[B]`.
     """
     if streamer is not None and not callable(streamer):
@@ -210,47 +242,17 @@ class TextStream:
         return new
 
 
-def _chat_inputs(model, tokenizer, query, history, system, image_root):
-    from .processing import images_for
-
-    ids = torch.tensor([chat_ids(tokenizer, query, history=history, system=system)], dtype=torch.long)
-    pixel_values = None
-    if tokenizer.image_paths(ids[0].tolist()):
-        pixel_values = images_for(ids, tokenizer, model.config.vision.image_size, root=image_root)
-        pixel_values = pixel_values.to(model.device, model.dtype)
-    return ids, pixel_values
-
-
-def chat_stream(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
-                max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> Iterable[str]:
+def chat_stream(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **kwargs) -> Iterable[str]:
     """Qwen-VL-Chat in ChatML, streamed: yields the response text so far each time it grows by whole characters
-    (each yield extends the previous one; the last equals `chat`'s response)."""
-    check_sampling(do_sample, kwargs.get("temperature", 1.0), top_p, kwargs.get("top_k", 0),
-                   kwargs.get("repetition_penalty", 1.0))
-    ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
-    stops = [tokenizer.im_end_id, tokenizer.eod_id]
-    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
-    text = TextStream(tokenizer)
-    for nxt in generate_steps(model, ids, pixel_values, None, max_new_tokens, do_sample=do_sample, top_p=top_p,
-                              eos_token_id=stops, **kwargs):
-        t = int(nxt[0])
-        if t in stops:
-            break
-        if text.push([t]):
-            yield text.text
-    if text.close():
-        yield text.text
+    (each yield extends the previous one; the last equals `chat`'s response). See `qwenvl.conversation`."""
+    from .conversation import chat_stream as stream_turn
+
+    return stream_turn(model, tokenizer, query, history, system, **kwargs)
 
 
-def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, image_root=None,
-         max_new_tokens=512, do_sample=True, top_p=0.3, **kwargs) -> tuple[str, list]:
-    """One ChatML turn of Qwen-VL-Chat: returns (response, history + [(query, response)])."""
-    check_sampling(do_sample, kwargs.get("temperature", 1.0), top_p, kwargs.get("top_k", 0),
-                   kwargs.get("repetition_penalty", 1.0))
-    ids, pixel_values = _chat_inputs(model, tokenizer, query, history, system, image_root)
-    stops = [tokenizer.im_end_id, tokenizer.eod_id]
-    kwargs.setdefault("vocab_size", tokenizer.vocab_size)
-    out = generate(model, ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   top_p=top_p, eos_token_id=stops, **kwargs)
-    response = tokenizer.decode(until_stop(out[0, ids.shape[1]:].tolist(), stops))
-    return response, list(history or []) + [(query, response)]
+def chat(model, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **kwargs) -> tuple[str, list]:
+    """One ChatML turn of Qwen-VL-Chat: returns (response, history + [(query, response)]); earlier turns' images
+    and keys/values are reused from the model's chat cache. See `qwenvl.conversation.chat` for the options."""
+    from .conversation import chat as chat_turn
+
+    return chat_turn(model, tokenizer, query, history, system, **kwargs)

@@ -3,12 +3,21 @@
 Each check raises ValueError (TypeError for a wrong kind of object) with what was wrong and what to pass instead.
 The loss's two conventions also live here, written once: labels equal to IGNORE_INDEX are not trained on, and the
 label at position t is predicted by the token at t - 1 (`next_token_targets`).
+
+Under torch.compile a check that reads tensor values cannot branch on the host without breaking the graph (and
+syncing): there it becomes an assertion traced into the graph (`_assert_in_graph`), raised as a RuntimeError with the
+same kind of message when the graph runs (a device-side assert on CUDA). Eager mode keeps the detailed messages.
 """
 from __future__ import annotations
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def _assert_in_graph(ok: torch.Tensor, message: str) -> None:
+    """A value check inside torch.compile: traced as an op (no graph break, no host sync), raised when it runs."""
+    torch._assert_async(ok, message)
 
 
 def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,6 +52,9 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
             f"one token (e.g. the tokenizer's <|endoftext|> id)"
         )
     outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if torch.compiler.is_compiling():
+        _assert_in_graph(~outside.any(), f"input_ids hold a token id outside the vocabulary 0..{vocab_size - 1}")
+        return
     if bool(outside.any()):
         where = outside.nonzero()[0].tolist()
         bad = int(input_ids[tuple(where)])
@@ -58,6 +70,9 @@ def check_labels(labels, input_ids: torch.Tensor, vocab_size: int) -> None:
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids ({IGNORE_INDEX} = not trained on), got {labels.dtype}")
     valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
+    if torch.compiler.is_compiling():
+        _assert_in_graph(valid.all(), f"labels must be token ids 0..{vocab_size - 1} or {IGNORE_INDEX} (ignored)")
+        return
     if not bool(valid.all()):
         bad = int(labels[~valid][0])
         raise ValueError(f"label {bad} is neither a token id 0..{vocab_size - 1} nor the ignore index {IGNORE_INDEX}")
@@ -77,45 +92,78 @@ def check_cu_seqlens(cu_seqlens, input_ids: torch.Tensor) -> None:
 
 
 def padding_starts(attention_mask, T_total: int, use_cache: bool):
-    """Index of each row's first real token from a 0/1 padding mask, or None when no row is left-padded."""
-    if not isinstance(attention_mask, torch.Tensor) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+    """Index of each row's first real token from a 0/1 padding mask, or None when no row is left-padded.
+
+    Under torch.compile the checks run inside the graph and the starts are always returned (0, which masks nothing,
+    for a row without left padding), so the graph's structure never depends on the mask's values."""
+    if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a 0/1 [batch, {T_total}] tensor, got {_describe(attention_mask)}")
+    if attention_mask.dim() != 2 or attention_mask.shape[1] != T_total:
+        raise ValueError(f"attention_mask must be [batch, {T_total}] (past + new tokens), got "
+                         f"{tuple(attention_mask.shape)}")
     m = attention_mask.to(torch.int32)
-    if m.dim() != 2 or m.shape[1] != T_total:
-        raise ValueError(f"attention_mask must be [batch, {T_total}] (past + new tokens), got {tuple(m.shape)}")
     ones = m.sum(1)
     first = torch.argmax(m, dim=1)
     idx = torch.arange(T_total, device=m.device)[None]
     expected = ((idx >= first[:, None]) & (idx < (first + ones)[:, None])).to(torch.int32)
-    if not torch.equal(expected, m):
-        raise ValueError(
-            "attention_mask must be padding only: zeros on the left (batched generation) and/or on the right "
-            "(training batches), ones in between"
-        )
-    if (ones == 0).any():
-        raise ValueError("attention_mask has a row with no real token")
-    if use_cache and bool((first + ones < T_total).any()):
-        raise ValueError("generation with a KV cache needs left padding: pad on the left, not the right")
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    messages = [
+        (binary, f"attention_mask must be a 0/1 [batch, {T_total}] tensor, got other values"),
+        ((expected == m).all(), "attention_mask must be padding only: zeros on the left (batched generation) and/or "
+                                "on the right (training batches), ones in between"),
+        ((ones > 0).all(), "attention_mask has a row with no real token"),
+    ]
+    if use_cache:
+        messages.append(((first + ones == T_total).all(),
+                         "generation with a KV cache needs left padding: pad on the left, not the right"))
+    if torch.compiler.is_compiling():
+        for ok, message in messages:
+            _assert_in_graph(ok, message)
+        return first.to(torch.int32)
+    for ok, message in messages:
+        if not bool(ok):
+            raise ValueError(message)
     return first.to(torch.int32) if bool((first > 0).any()) else None
+
+
+def _malformed_span(vision) -> str:
+    return (f"malformed image span: each <img> (id {vision.image_start_id}) must be followed by exactly "
+            f"{vision.n_queries} ids and then </img> (id {vision.image_end_id}); build prompts with the tokenizer, "
+            f"which pads each span")
+
+
+def _span_positions(input_ids, starts, vision):
+    """Rows and `[N, n_queries]` inner positions of the spans opened at `starts [N, 2]`, and whether each closes."""
+    n, T = vision.n_queries, input_ids.shape[1]
+    rows, cols = starts[:, 0], starts[:, 1]
+    end_at = cols + n + 1
+    closed = (end_at < T) & (input_ids[rows, end_at.clamp(min=0, max=T - 1)] == vision.image_end_id)
+    return rows, cols[:, None] + 1 + torch.arange(n, device=input_ids.device), closed
 
 
 def image_spans(input_ids: torch.Tensor, vision):
     """(rows, [N, n_queries] positions) of the image spans, or None; checks that every span is well formed."""
-    n = vision.n_queries
     starts = (input_ids == vision.image_start_id).nonzero()
     n_ends = int((input_ids == vision.image_end_id).sum())
     if starts.shape[0] == 0 and n_ends == 0:
         return None
-    T = input_ids.shape[1]
-    rows, cols = starts[:, 0], starts[:, 1]
-    end_at = cols + n + 1
-    ok = (end_at < T) & (input_ids[rows, end_at.clamp(max=T - 1)] == vision.image_end_id)
-    if not bool(ok.all()) or n_ends != starts.shape[0]:
-        raise ValueError(
-            f"malformed image span: each <img> (id {vision.image_start_id}) must be followed by exactly {n} ids and "
-            f"then </img> (id {vision.image_end_id}); build prompts with the tokenizer, which pads each span"
-        )
-    return rows, cols[:, None] + 1 + torch.arange(n, device=input_ids.device)
+    rows, pos, closed = _span_positions(input_ids, starts, vision)
+    if not bool(closed.all()) or n_ends != starts.shape[0]:
+        raise ValueError(_malformed_span(vision))
+    return rows, pos
+
+
+def image_spans_static(input_ids: torch.Tensor, vision, n_images: int):
+    """`image_spans` under torch.compile: the number of spans is the number of images given (a shape, not a value
+    read from the ids, so nothing in the graph has a data-dependent shape) and the checks are assertions in it."""
+    is_start, is_end = input_ids == vision.image_start_id, input_ids == vision.image_end_id
+    _assert_in_graph((is_start.sum() == n_images) & (is_end.sum() == n_images),
+                     f"input_ids must hold one <img> ... </img> span per image given ({n_images})")
+    if n_images == 0:
+        return None
+    rows, pos, closed = _span_positions(input_ids, torch.nonzero_static(is_start, size=n_images), vision)
+    _assert_in_graph(closed.all(), _malformed_span(vision))
+    return rows, pos
 
 
 def check_pixel_values(pixel_values, patch_size: int) -> None:

@@ -15,12 +15,12 @@ import torch.nn as nn
 
 from qwenvl_kernels import get_backend
 
-from . import checkpoint
+from . import checkpoint, conversation
 from .cache import KVCache
 from .config import MAX_CONTEXT, QwenVLConfig, resolve_device, resolve_dtype
 from .generation import generate
 from .inputs import (check_cu_seqlens, check_image_count, check_image_features, check_input_ids, check_labels,
-                     check_pixel_values, image_spans, next_token_targets, padding_starts)
+                     check_pixel_values, image_spans, image_spans_static, next_token_targets, padding_starts)
 from .text import Packing, QWenBlock, RMSNorm, RotaryEmbedding, RotaryInputs, logn_scale, ntk_alpha, token_positions
 from .vision import VisionTransformer
 
@@ -151,17 +151,23 @@ class QwenVL(nn.Module):
         return self.transformer.visual(pixel_values.to(self.device))
 
     def _insert_images(self, h, input_ids, pixel_values, image_features):
-        """Write each image's features over the inner ids of its span; counts are checked before the ViT runs."""
-        spans = image_spans(input_ids, self.config.vision)
+        """Write each image's features over the inner ids of its span; counts are checked before the ViT runs.
+
+        Under torch.compile the spans are found with the number of images given as their count (a shape), so the
+        splice traces into the graph without a data-dependent shape."""
         if image_features is not None and pixel_values is not None:
             raise ValueError("give pixel_values or image_features (from encode_images), not both")
         if image_features is not None:
             check_image_features(image_features, self.config.vision.n_queries, self.config.text.hidden_size)
-            check_image_count(image_features.shape[0], spans, "image feature(s)")
+        elif pixel_values is not None:
+            check_pixel_values(pixel_values, self.config.vision.patch_size)
+        given = image_features if image_features is not None else pixel_values
+        n_given = 0 if given is None else given.shape[0]
+        if torch.compiler.is_compiling():
+            spans = image_spans_static(input_ids, self.config.vision, n_given)
         else:
-            if pixel_values is not None:
-                check_pixel_values(pixel_values, self.config.vision.patch_size)
-            check_image_count(0 if pixel_values is None else pixel_values.shape[0], spans)
+            spans = image_spans(input_ids, self.config.vision)
+            check_image_count(n_given, spans, "image(s)" if image_features is None else "image feature(s)")
         if spans is None:
             return h
         if image_features is None:
@@ -177,7 +183,10 @@ class QwenVL(nn.Module):
         inference = not self.training
         if cfg.use_dynamic_ntk and inference:
             if past == 0:
-                lengths = [T] * B if attention_mask is None else attention_mask.sum(1).tolist()
+                # a prompt no longer than the trained length has alpha 1 whatever its padding: read the mask's
+                # values (a host sync, a graph break under torch.compile) only when they can matter
+                padded = attention_mask is not None and T > cfg.seq_length
+                lengths = attention_mask.sum(1).tolist() if padded else [T] * B
                 alphas = [ntk_alpha(n, cfg.seq_length) for n in lengths]
             else:
                 alphas = cache.ntk_alphas
@@ -225,8 +234,6 @@ class QwenVL(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         if past > 0:
-            if pixel_values is not None or image_features is not None:
-                raise ValueError("images go in with the prompt (the prefill), not with tokens decoded after it")
             seq_start = cache.seq_start
         else:
             seq_start = padding_starts(attention_mask, T, use_cache) if attention_mask is not None else None
@@ -234,7 +241,8 @@ class QwenVL(nn.Module):
                 raise ValueError("packed sequences (cu_seqlens) take no attention_mask with padding")
 
         h = self.transformer.wte(input_ids)
-        if past == 0:
+        if past == 0 or pixel_values is not None or image_features is not None:
+            # images come with a prompt: the whole one, or the part of a chat turn after its cached prefix
             h = self._insert_images(h, input_ids, pixel_values, image_features)
         positions = token_positions(T, past, seq_start, cu_seqlens, dev)
         if use_cache and cache is None:
@@ -268,3 +276,22 @@ class QwenVL(nn.Module):
         """Prompt + new ids `[B, T + new]`; see `qwenvl.generation.generate` for the sampling options."""
         return generate(self, input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, **kwargs)
+
+    # --- chat (the released Qwen-VL-Chat methods; earlier turns' work is kept, see qwenvl.conversation) ---------
+    def chat(self, tokenizer, query, history=None, system=conversation.DEFAULT_SYSTEM, append_history=True,
+             stream=conversation.NOT_GIVEN, stop_words_ids=None, generation_config=None, **kwargs):
+        """One ChatML turn: (response, history + [(query, response)]); see `qwenvl.conversation.chat`."""
+        return conversation.chat(self, tokenizer, query, history, system, append_history=append_history,
+                                 stream=stream, stop_words_ids=stop_words_ids, generation_config=generation_config,
+                                 **kwargs)
+
+    def chat_stream(self, tokenizer, query, history=None, system=conversation.DEFAULT_SYSTEM, stop_words_ids=None,
+                    logits_processor=None, generation_config=None, **kwargs):
+        """The response text as it grows (each yield extends the last); see `qwenvl.conversation.chat_stream`."""
+        return conversation.chat_stream(self, tokenizer, query, history, system, stop_words_ids=stop_words_ids,
+                                        logits_processor=logits_processor, generation_config=generation_config,
+                                        **kwargs)
+
+    def clear_chat_cache(self) -> None:
+        """Free the image features and keys/values kept from earlier chat turns."""
+        conversation.clear_chat_cache(self)

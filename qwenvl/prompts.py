@@ -11,7 +11,7 @@ import math
 import os
 from typing import Iterable
 
-from .tokenizer import (BOX_END, BOX_START, IM_END, IM_START, IMAGE_SPECIALS, IMG_END, IMG_START, REF_END,
+from .tokenizer import (BOX_END, BOX_START, IM_END, IM_START, IMAGE_SPECIALS, IMG_END, IMG_PAD, IMG_START, REF_END,
                         REF_START)
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen-VL-Chat's system prompt
@@ -80,18 +80,26 @@ def _check_turns(query, history, system) -> list:
     return history
 
 
-def turn_ids(tokenizer, role: str, content: str) -> list[int]:
+# A past answer is model output: its <ref>/<box>/<quad> grounding tokens stay tokens, as the released code keeps
+# them (the model wrote them as such, and a follow-up question about a box needs them), but an <img>..</img> it wrote
+# is plain text, never an image span: the released code would load whatever file the model named (or fail on an
+# unclosed tag). A fresh prompt and a chat-cached one are built by this one rule, so their answers stay identical.
+ANSWER_SPECIALS = IMAGE_SPECIALS - {IMG_START, IMG_END, IMG_PAD}
+
+
+def turn_ids(tokenizer, role: str, content: str, allowed=IMAGE_SPECIALS) -> list[int]:
     """`role\\ncontent` as the released code encodes it: only image and grounding tokens are special in it."""
-    return (tokenizer.encode(role, allowed_special=IMAGE_SPECIALS) + tokenizer.encode("\n")
-            + tokenizer.encode(content, allowed_special=IMAGE_SPECIALS))
+    return (tokenizer.encode(role, allowed_special=allowed) + tokenizer.encode("\n")
+            + tokenizer.encode(content, allowed_special=allowed))
 
 
 def chat_ids(tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM,
              max_window_size: int | None = None) -> list[int]:
     """The ChatML ids of Qwen-VL-Chat, ending with `<|im_start|>assistant\\n` for the model to continue.
 
-    history is a list of (query, response) pairs, oldest first. With max_window_size (the released default is 6144
-    tokens), the oldest turns are dropped, newest kept first, once system + history would reach it.
+    history is a list of (query, response) pairs, oldest first; responses are encoded with ANSWER_SPECIALS. With
+    max_window_size (the released default is 6144 tokens), the oldest turns are dropped, newest kept first, once
+    system + history would reach it (the query itself is never cut).
     """
     history = _check_turns(query, history, system)
     if max_window_size is not None and (not isinstance(max_window_size, int) or max_window_size < 1):
@@ -100,7 +108,9 @@ def chat_ids(tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM,
     head = start + turn_ids(tokenizer, "system", system) + end
     context: list[int] = []
     for q, r in reversed(history):
-        turn = nl + start + turn_ids(tokenizer, "user", q) + end + nl + start + turn_ids(tokenizer, "assistant", r) + end
+        turn = (nl + start + turn_ids(tokenizer, "user", q) + end + nl + start
+                + turn_ids(tokenizer, "assistant", r, ANSWER_SPECIALS) + end)
+        # the released rule: a past turn joins while system + it + the newer turns stay below the window
         if max_window_size is not None and len(head) + len(turn) + len(context) >= max_window_size:
             break
         context = turn + context

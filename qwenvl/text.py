@@ -134,19 +134,13 @@ class QWenAttention(nn.Module):
         if packing is not None:  # packed sequences: [1, total] with boundaries in cu_seqlens
             cu, longest = packing
             o = self.kernels.varlen_attention(q[0], k[0], v[0], cu, cu, longest, longest, causal=True)[None]
-        elif cache is None or cache.length == 0:
+        elif cache is None or cache.empty:
             if cache is not None:
                 cache.write(layer_idx, k, v)
             o = self.kernels.attention(q, k, v, causal=True, seq_start=seq_start)
-        else:
+        else:  # the cache's layout decides how the new tokens see the cached ones (qwenvl.cache.KVCache.attend)
             cache.write(layer_idx, k, v)
-            L = cache.length + T
-            if T <= 16 and not torch.is_grad_enabled():
-                lengths = torch.full((B,), L, dtype=torch.int32, device=x.device)
-                o = self.kernels.decode_attention(q, cache.k[layer_idx], cache.v[layer_idx], lengths, cache.seq_start)
-            else:
-                o = self.kernels.attention(q, cache.k[layer_idx][:, :L], cache.v[layer_idx][:, :L], causal=True,
-                                           seq_start=cache.seq_start)
+            o = cache.attend(self.kernels, layer_idx, q)
         return self.c_proj(o.reshape(B, T, self.hidden))
 
 

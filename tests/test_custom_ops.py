@@ -1,12 +1,11 @@
 """The kernels as torch.library custom ops: `opcheck` of every op (schema, fake implementation, autograd
 registration, AOT dispatch with dynamic shapes), torch.compile (backend aot_eager, fullgraph) of every public
-function and of a block that chains them against eager outputs and gradients, and a compiled tiny QwenVL with
-kernels="triton" against the eager one. fp32 at small shapes (the interpreter on the CPU, or CUDA)."""
+function and of a block that chains them against eager outputs and gradients. fp32 at small shapes (the interpreter
+on the CPU, or CUDA). The whole model compiled with these ops (fullgraph, both backends) is tests/test_compile.py's."""
 import pytest
 import torch
 
 import qwenvl_kernels as qk
-from qwenvl import QwenVL, QwenVLConfig
 from qwenvl_kernels.launch import LOG2E
 from tests.helpers import DEVICE, assert_close
 
@@ -212,36 +211,3 @@ def test_flash_attn_lse_units():
     assert probs is None
     assert_close(lse, want, name="lse")
     assert LOG2E > 1  # the kernels' own lse is in log2 units: the conversion is not the identity
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-def test_compiled_model_matches_eager():
-    """The tiny QwenVL with kernels="triton" under torch.compile (aot_eager) gives the eager logits, loss and
-    parameter gradients. Compiled without fullgraph: the model's input checks and image splice still break the
-    graph (nonzero, .item()), which is the model's part of torch.compile support, not the kernels'."""
-    torch.manual_seed(0)
-    cfg = QwenVLConfig.from_name("tiny").replace(text=dict(seq_length=48), vision=dict(image_size=28, n_queries=4))
-    model = QwenVL(cfg, kernels="triton").to(DEVICE)
-    v = cfg.vision
-    span = torch.tensor([v.image_start_id] + [v.image_pad_id] * v.n_queries + [v.image_end_id])
-    g = torch.Generator().manual_seed(1)
-    ids = torch.cat([span[None].expand(2, -1), torch.randint(0, 256, (2, 10), generator=g)], 1).to(DEVICE)
-    labels = ids.clone()
-    labels[:, : span.numel()] = -100
-    pix = torch.randn(2, 3, 28, 28, generator=g).to(DEVICE)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    with torch.no_grad():
-        assert_close(compiled(ids, pixel_values=pix).logits, model(ids, pixel_values=pix).logits, name="logits",
-                     rel_rms=1e-6, max_abs=1e-6)
-    params = [p for p in model.parameters() if p.requires_grad]
-    eager_loss = model(ids, pixel_values=pix, labels=labels).loss
-    eager_grads = torch.autograd.grad(eager_loss, params)
-    compiled_loss = compiled(ids, pixel_values=pix, labels=labels).loss
-    compiled_grads = torch.autograd.grad(compiled_loss, params)
-    assert_close(compiled_loss, eager_loss, name="loss", rel_rms=1e-6, max_abs=1e-6)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for name, a, b in zip(names, eager_grads, compiled_grads):
-        assert_close(b, a, name=f"grad {name}", rel_rms=1e-5, max_abs=1e-5)

@@ -114,6 +114,7 @@ def test_cli_init_then_generate_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_streaming_never_prints_a_broken_character(model, tok, monkeypatch):
     """A multi-byte character split across byte-level tokens is held back until complete, never shown as U+FFFD."""
+    import qwenvl.conversation as conversation
     import qwenvl.generation as generation
 
     text = "naïve 中文 ok"
@@ -122,7 +123,7 @@ def test_streaming_never_prints_a_broken_character(model, tok, monkeypatch):
     def fake_steps(*args, **kwargs):
         return iter(torch.tensor([t]) for t in ids)
 
-    monkeypatch.setattr(generation, "generate_steps", fake_steps)
+    monkeypatch.setattr(conversation, "generate_steps", fake_steps)
     streamed = list(chat_stream(model, tok, "hi", max_new_tokens=len(ids)))
     assert streamed[-1] == text
     assert all("\ufffd" not in s for s in streamed)
