@@ -22,6 +22,7 @@ import torch
 
 from .cache import KVCache
 from .generation import TextStream, check_sampling, generate_steps
+from .generation_config import GenerationDefaults
 from .processing import load_image
 from .prompts import DEFAULT_SYSTEM, chat_ids
 from .text import ntk_alpha
@@ -29,9 +30,8 @@ from .text import ntk_alpha
 NOT_GIVEN = object()  # `chat(stream=...)`: the released signature has it only to refuse it
 MAX_CACHED_IMAGES = 16
 # Qwen-VL-Chat's generation_config.json: nucleus sampling (top_p 0.3), 512 new tokens, a 6144-token history window
-CHAT_DEFAULTS = {"do_sample": True, "top_p": 0.3, "max_new_tokens": 512, "max_window_size": 6144}
-_CONFIG_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
-                "max_window_size")
+CHAT_DEFAULTS = GenerationDefaults(chat_format="chatml", do_sample=True, top_p=0.3, max_new_tokens=512)
+_CONFIG_KEYS = (*CHAT_DEFAULTS.sampling(), "max_window_size")
 
 
 def _model_state(model) -> tuple:
@@ -142,7 +142,7 @@ def _options(model, generation_config, kwargs: dict) -> dict:
     """Decoding options: Qwen-VL-Chat's defaults, then generation_config's (the argument, else the model's
     `generation_config` attribute when it has one: any object or dict with these names), then the keywords."""
     config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    options = dict(CHAT_DEFAULTS)
+    options = {**CHAT_DEFAULTS.sampling(), "max_window_size": CHAT_DEFAULTS.max_window_size}
     if config is not None:
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         fmt = get("chat_format", "chatml")
@@ -155,8 +155,8 @@ def _options(model, generation_config, kwargs: dict) -> dict:
         value = options[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be an int >= 1, got {value!r}")
-    check_sampling(options["do_sample"], options.get("temperature", 1.0), options["top_p"], options.get("top_k", 0),
-                   options.get("repetition_penalty", 1.0))
+    check_sampling(options["do_sample"], options["temperature"], options["top_p"], options["top_k"],
+                   options["repetition_penalty"])
     return options
 
 
