@@ -46,6 +46,7 @@ def test_head_blocks(head_dim, blocks):
         assert sum(got) >= head_dim and all(b == 0 or b >= 16 for b in got)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("B,Tq,Tk,H,D,causal,dtype", [
     (2, 7, 7, 2, 104, False, torch.float32),
     (1, 257, 257, 2, 104, True, torch.float16),
@@ -64,6 +65,7 @@ def test_split_head_dim_matches_unsplit(monkeypatch, B, Tq, Tk, H, D, causal, dt
         assert_close(a, b, dtype=dtype, name=f"{name} split vs one block")
 
 
+@pytest.mark.triton
 def test_long_sequence_vit_head(monkeypatch):
     # 1025 tokens: 17 blocks of 64 (the last with one row), the split head dim; wide blocks keep the interpreter fast
     for kind in ("fwd", "dq", "dkdv"):
@@ -72,6 +74,7 @@ def test_long_sequence_vit_head(monkeypatch):
     _check_against_reference(q, k, v, torch.float16)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_vit_qkv_with_odd_head_count(dtype):
     # [B, T, H, 3, D] with H = 3, D = 104: head stride 312, row stride 936, neither a multiple of 16 (both of 8)
@@ -84,6 +87,7 @@ def test_vit_qkv_with_odd_head_count(dtype):
     _check_against_reference(q, k, v, dtype)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strides_not_multiple_of_8_are_copied(dtype):
     # a row stride of H * D + 4 and a start 4 elements into the buffer: tiles could not be read 16 bytes at a
@@ -105,6 +109,7 @@ def test_size_one_dims_may_have_any_stride():
     assert fa.tile_ready(x) is x
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("scale", [0.0, -0.125])
 def test_non_positive_scale_is_refused(scale):
     q, k, v = (torch.randn(1, 4, 1, 64, device=DEVICE) for _ in range(3))
